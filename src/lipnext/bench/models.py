@@ -1,0 +1,226 @@
+"""Model benchmark: training-step time, the optimizer's share of it, inference throughput,
+peak memory, FLOPs, achieved FLOP/s and MFU of named models, fp32 and bf16, as ratios
+against the first LipNeXt model of the same run.
+
+Each (model, dtype) is measured in a fresh process (spawn) so that CPU peak memory is
+that of this model alone (see ``timing``). A training step is the real one: forward,
+EMMA loss, backward, ``build_optimizer``'s ManifoldAdam step (manifold rule for LipNeXt's
+orthogonal weights, NAdam for everything else). bf16 means autocast to bfloat16 with
+fp32 weights (on a CPU too, where it is usually slower).
+
+FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` on one training step
+(forward + backward + optimizer) and on one inference forward: it counts matrix
+products and convolutions (2 FLOPs per multiply-add); FFTs, factorisations (Cholesky,
+solve, SVD) and elementwise work are not counted, so for BRONet-style and
+LiResNet-style models the count is a lower bound on the work done.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import multiprocessing as mp
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..io import atomic_write
+from ..losses import emma_loss
+from ..models import create_model
+from ..optim import build_optimizer
+from .timing import median, peak_rss_bytes, peak_tflops, resolve_device, rss_bytes, synchronize, \
+    time_calls
+
+__all__ = ["measure_model", "run_model_bench", "bench_table"]
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def _count_flops(fn: Callable[[], object]) -> int:
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def _setup(name: str, batch: int, image_size: int, num_classes: int, dev: torch.device, amp):
+    """Model, optimizer, a random batch, and a closure running forward + EMMA + backward."""
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=num_classes, image_size=image_size).to(dev)
+    model.validate_inputs = False
+    opt = build_optimizer(model)
+    x = torch.rand(batch, model.in_chans, image_size, image_size, device=dev)
+    y = torch.randint(0, num_classes, (batch,), device=dev)
+    lip = model.lipschitz_bound()
+
+    def backward():
+        with amp:
+            logits = model(x)
+        loss = emma_loss(logits, y, model.head_weight(), lip, 36 / 255)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+    return backward, model, opt, x
+
+
+def measure_model(name: str, batch: int = 128, image_size: int = 32, num_classes: int = 10,
+                  dtype: str = "fp32", steps: int = 5, warmup: int = 2, device: str = "auto",
+                  peak: float | None = None, threads: int | None = None) -> dict[str, Any]:
+    """Measure one model at one dtype in this process (see the module docstring)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use fp32 or bf16")
+    if threads:
+        torch.set_num_threads(threads)
+    dev = resolve_device(device)
+    amp = (torch.autocast(dev.type, dtype=DTYPES[dtype]) if DTYPES[dtype] is not None
+           else nullcontext())
+    if dev.type == "cpu":
+        # A first step on a batch of 2 pages in the code and one-off buffers of every
+        # kernel used, so that the RSS baseline below does not count them.
+        first_backward, _, first_opt, _ = _setup(name, 2, image_size, num_classes, dev, amp)
+        first_backward()
+        first_opt.step()
+        del first_backward, first_opt
+        gc.collect()
+    rss0 = rss_bytes()
+    backward, model, opt, x = _setup(name, batch, image_size, num_classes, dev, amp)
+    opt_times: list[float] = []
+
+    def train_step():
+        backward()
+        synchronize(dev)
+        t0 = time.perf_counter()
+        opt.step()
+        synchronize(dev)
+        opt_times.append(time.perf_counter() - t0)
+
+    @torch.no_grad()
+    def infer():
+        with amp:
+            model(x)
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    model.train()
+    step_times = time_calls(train_step, steps, warmup, dev)
+    opt_times = opt_times[warmup:]
+    peak_mem = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda"
+                else peak_rss_bytes() - rss0)
+    train_flops = _count_flops(train_step)
+    model.eval()
+    infer_times = time_calls(infer, steps, warmup, dev)
+    infer_flops = _count_flops(infer)
+    step_s = median(step_times)
+    achieved = train_flops / step_s
+    peak_tf = peak_tflops(dev, peak)
+    return {
+        "model": name, "arch": model.arch, "params": sum(p.numel() for p in model.parameters()),
+        "dtype": dtype, "batch": batch, "image_size": image_size, "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+        "step_s": step_s, "optimizer_s": median(opt_times), "optimizer_share": median(opt_times) / step_s,
+        "infer_s": median(infer_times), "throughput": batch / median(infer_times),
+        "peak_mem_bytes": int(peak_mem),
+        "peak_mem_kind": "cuda.max_memory_allocated" if dev.type == "cuda" else "peak RSS - RSS before the model",
+        "train_flops": train_flops, "infer_flops": infer_flops, "achieved_flops": achieved,
+        "peak_tflops": peak_tf, "mfu": achieved / (peak_tf * 1e12) if peak_tf else None,
+        "step_runs": len(step_times), "lipschitz": model.lipschitz_bound(),
+    }
+
+
+def _child(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return measure_model(**kwargs)
+
+
+def run_model_bench(models: Sequence[str], out_dir: str | Path, batch: int = 128,
+                    image_size: int = 32, num_classes: int = 10, dtypes: Sequence[str] = ("fp32",),
+                    steps: int = 5, warmup: int = 2, device: str = "auto",
+                    peak_tflops: float | None = None, threads: int | None = None,
+                    isolate: bool = True,
+                    log: Callable[[str], None] = lambda s: print(s, flush=True)) -> str:
+    """Measure every model at every dtype; write bench.json, bench.md, bench.png."""
+    from ..models import model_entry
+    for m in models:
+        model_entry(m)                     # unknown names fail before any measurement
+    for d in dtypes:
+        if d not in DTYPES:
+            raise ValueError(f"unknown dtype {d!r}; use fp32 or bf16")
+    ctx = mp.get_context("spawn")
+    results = []
+    for d in dtypes:
+        for m in models:
+            kwargs = dict(name=m, batch=batch, image_size=image_size, num_classes=num_classes,
+                          dtype=d, steps=steps, warmup=warmup, device=device, peak=peak_tflops,
+                          threads=threads)
+            if isolate:
+                with ctx.Pool(1) as pool:
+                    r = pool.apply(_child, (kwargs,))
+            else:
+                r = measure_model(**kwargs)
+            results.append(r)
+            log(f"{m} {d}: step {1e3 * r['step_s']:.1f} ms, {r['throughput']:.0f} img/s, "
+                f"peak {r['peak_mem_bytes'] / 2**20:.0f} MiB")
+    add_ratios(results)
+    md = bench_table(results)
+    out = Path(out_dir)
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
+            "steps": steps, "warmup": warmup, "results": results}
+    atomic_write(out / "bench.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
+    atomic_write(out / "bench.md", lambda p: Path(p).write_text(md))
+    _plot(results, out / "bench.png")
+    return md
+
+
+def add_ratios(results: list[dict[str, Any]]) -> None:
+    """x_lipnext ratios against the first LipNeXt model of the same dtype (in place)."""
+    for d in dict.fromkeys(r["dtype"] for r in results):
+        rows = [r for r in results if r["dtype"] == d]
+        ref = next((r for r in rows if r["arch"] == "lipnext"), None)
+        if ref is None:
+            continue
+        for r in rows:
+            r["reference"] = ref["model"]
+            r["step_x"] = r["step_s"] / ref["step_s"]
+            r["throughput_x"] = r["throughput"] / ref["throughput"]
+            r["mem_x"] = r["peak_mem_bytes"] / max(ref["peak_mem_bytes"], 1)
+
+
+def bench_table(results: list[dict[str, Any]]) -> str:
+    """Markdown table, one row per (model, dtype)."""
+    head = ("| model | params | dtype | train step ms | x LipNeXt | optimizer share | infer img/s "
+            "| x LipNeXt | peak MiB | x LipNeXt | GFLOP/step | achieved GFLOP/s | MFU |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    x = lambda r, k: f"{r[k]:.2f}" if k in r else "-"   # noqa: E731
+    for r in results:
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a (no known peak)"
+        lines.append(
+            f"| {r['model']} | {r['params'] / 1e6:.2f}M | {r['dtype']} | {1e3 * r['step_s']:.1f} | "
+            f"{x(r, 'step_x')} | {100 * r['optimizer_share']:.1f}% | {r['throughput']:.0f} | "
+            f"{x(r, 'throughput_x')} | {r['peak_mem_bytes'] / 2**20:.0f} | {x(r, 'mem_x')} | "
+            f"{r['train_flops'] / 1e9:.2f} | {r['achieved_flops'] / 1e9:.1f} | {mfu} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(results: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    dtypes = list(dict.fromkeys(r["dtype"] for r in results))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    metrics = [("step_s", 1e3, "train step (ms)"), ("throughput", 1, "inference (img/s)"),
+               ("peak_mem_bytes", 2 ** -20, "peak memory (MiB)")]
+    for ax, (key, scale, label) in zip(axes, metrics):
+        for j, d in enumerate(dtypes):
+            rows = [r for r in results if r["dtype"] == d]
+            pos = [i + j * 0.8 / len(dtypes) for i in range(len(rows))]
+            ax.bar(pos, [r[key] * scale for r in rows], width=0.8 / len(dtypes), label=d)
+            ax.set_xticks(range(len(rows)), [r["model"] for r in rows], rotation=30, ha="right",
+                          fontsize=7)
+        ax.set_title(label)
+    axes[0].legend()
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=120))
+    plt.close(fig)

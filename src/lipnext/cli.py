@@ -1,0 +1,46 @@
+"""The ``lipnext`` command. Each subcommand lives in ``lipnext.commands.<name>`` and
+defines ``add_parser(subparsers)`` (which sets ``func``) for argparse."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import __version__
+
+# Subcommand modules, in the order `lipnext --help` lists them.
+COMMANDS = ["demo", "train", "certify", "verify", "models", "bench"]
+
+# A user's mistake (bad path, shape, key, value) is reported in one line, no traceback.
+USER_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, NotADirectoryError,
+               IsADirectoryError, PermissionError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lipnext", description="Certifiably robust "
+                                     "1-Lipschitz classifiers: train, certify, verify, benchmark.")
+    parser.add_argument("--version", action="version", version=f"lipnext {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        importlib.import_module(f"lipnext.commands.{name}").add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as e:
+        if args.debug:
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"lipnext {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

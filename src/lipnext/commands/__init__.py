@@ -1,0 +1,1 @@
+"""Subcommands of the ``lipnext`` command line (see ``lipnext.cli``)."""

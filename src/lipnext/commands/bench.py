@@ -1,0 +1,84 @@
+"""`lipnext bench`: speed, memory and FLOPs of named models side by side (ratios against
+LipNeXt measured in the same run), the orthogonal-update comparison (``--orthogonal``)
+and the wall-clock budget race (``--race``)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _csv(text: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list")
+    return items
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(t) for t in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmark models, orthogonal updates, or race them on a budget",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", type=_csv, default=_csv("lipnext_l8w128,liresnet_l7w64,bronet_l6w96"),
+                   help="comma-separated model names (the first LipNeXt one is the reference)")
+    p.add_argument("--batch", type=int, default=128, help="batch size (default 128)")
+    p.add_argument("--image-size", type=int, default=32, help="input size (default 32)")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--dtype", type=_csv, default=["fp32"], help="fp32,bf16 (bf16 = autocast)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per measurement (default 5)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto (default)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="peak TFLOP/s of the device for MFU (default: known GPUs' bf16 dense peak)")
+    p.add_argument("--out", default="runs/bench", help="output folder (default runs/bench)")
+    p.add_argument("--orthogonal", action="store_true",
+                   help="compare orthogonal-update methods (FastExp vs matrix_exp, Cayley, geoopt, "
+                        "geotorch, torch parametrizations, orthogonium, deel-torchlip)")
+    p.add_argument("--sizes", type=_ints, default=[256, 1024, 4096],
+                   help="matrix sizes C for --orthogonal (default 256,1024,4096)")
+    p.add_argument("--methods", type=_csv, default=None, help="subset of methods for --orthogonal")
+    p.add_argument("--race", action="store_true", help="train each model for the same wall-clock "
+                   "budget on the same data, then certify the held-out images")
+    p.add_argument("--data", default="npz:../shared/data/cifar10-subset.npz", help="dataset spec (race)")
+    p.add_argument("--holdout", type=int, default=1000, help="last N images held out (race)")
+    p.add_argument("--budget-minutes", type=float, default=10.0, help="per model (race)")
+    p.add_argument("--lr", type=float, default=1e-3, help="base learning rate (race)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.batch < 1 or args.steps < 1 or args.warmup < 0:
+        raise ValueError("--batch and --steps must be >= 1 and --warmup >= 0")
+    if args.threads is not None:
+        import torch
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    if args.race:
+        from ..bench.race import RaceConfig, run_race
+        if args.budget_minutes <= 0:
+            raise ValueError("--budget-minutes must be positive")
+        cfg = RaceConfig(data=args.data, holdout=args.holdout, budget_s=60 * args.budget_minutes,
+                         batch=args.batch, lr=args.lr, seed=args.seed, threads=args.threads)
+        run_race(args.models, cfg, out, log=lambda s: print(s, flush=True))
+        print((out / "race.md").read_text())
+        print(f"wrote {out / 'race.json'} and {out / 'race.md'}")
+        return 0
+    if args.orthogonal:
+        from ..bench.orthogonal import run_orthogonal
+        md = run_orthogonal(args.sizes, out, methods=args.methods, steps=args.steps,
+                            warmup=args.warmup, device=args.device)
+    else:
+        from ..bench.models import run_model_bench
+        md = run_model_bench(args.models, out, batch=args.batch, image_size=args.image_size,
+                             num_classes=args.num_classes, dtypes=args.dtype, steps=args.steps,
+                             warmup=args.warmup, device=args.device, peak_tflops=args.peak_tflops,
+                             threads=args.threads)
+    print(md)
+    return 0

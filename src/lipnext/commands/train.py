@@ -1,0 +1,44 @@
+"""`lipnext train --config configs/<name>.yaml [key=value ...]`: train, then certify.
+
+Run it as is on one CPU or GPU, or under torchrun for several processes/nodes:
+``torchrun --nproc-per-node 8 -m lipnext train --config ...`` (same command, DDP).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a certifiable model from a config file",
+                       description="Train from a YAML config (configs/*.yaml) with dotted "
+                       "overrides, e.g. train.epochs=3 model.name=lipnext_l4w64 run_dir=runs/x.")
+    p.add_argument("--config", "-c", default=None, help="YAML config file (default: the built-in digits config)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in run_dir")
+    p.add_argument("--run-dir", default=None, help="run folder (same as the override run_dir=...)")
+    p.add_argument("--print-config", action="store_true", help="print the merged config and exit")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..config import load_config, to_yaml
+    from ..engine import TrainingDiverged, train
+
+    overrides = list(args.overrides)
+    if args.run_dir:
+        overrides.append(f"run_dir={args.run_dir}")
+    if args.resume:
+        overrides.append("resume=true")
+    cfg = load_config(args.config, overrides)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    try:
+        result = train(cfg)
+    except TrainingDiverged as e:
+        print(f"lipnext train: training diverged: {e}", file=sys.stderr)
+        return 1
+    if result.get("interrupted"):
+        print(f"stopped at step {result['step']} (train.stop_at_step); continue with --resume")
+    return 0

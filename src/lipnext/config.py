@@ -1,0 +1,192 @@
+"""Training configuration: an OmegaConf structured config (dataclass schema).
+
+``load_config(path, overrides)`` merges, in order, the schema defaults, a YAML file and
+dotted command-line overrides (``train.epochs=3 model.name=lipnext_l4w64``). A key that is
+not in the schema, or a value of the wrong type, is a clear error. Radii are given in
+units of 1/255 (``loss.eps_255: 36`` is eps = 36/255; ``certify.radii`` are divided
+by ``certify.radius_unit``, 255 by default).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+__all__ = ["Config", "DataConfig", "AugmentConfig", "ModelConfig", "OptimConfig", "LossConfig",
+           "TrainConfig", "CertifyConfig", "DistConfig", "load_config", "to_yaml", "config_from_dict"]
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"                 # dataset spec: digits, npz:<file>, cifar10:<dir>, ...
+    holdout: Optional[int] = None        # digits/npz: the last N images are the test split
+    val_fraction: Optional[float] = None  # share of the training part kept for validation
+    num_classes: Optional[int] = None    # npz: number of classes (default: from the file)
+    image_size: Optional[int] = None     # imagenet: decoded image size (default 224)
+    num_workers: int = 4                 # imagenet: DataLoader decoding processes
+    generated: Optional[str] = None      # dataset spec of extra generated images (train only)
+    generated_fraction: float = 0.0      # share of each training batch drawn from them
+
+
+@dataclass
+class AugmentConfig:
+    crop_padding: int = 4                # random crop after padding by this many pixels (0 = off)
+    pad_mode: str = "reflect"            # reflect | zeros
+    flip: bool = True                    # random horizontal flip
+    cutout: int = 0                      # cutout square side in pixels (0 = off)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "lipnext_l4w64"          # a name from `lipnext models`
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # constructor overrides (patch_size, ...)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    nesterov: bool = True                # NAdam
+    orthogonal_lr_scale: float = 0.5
+    lookahead_k: int = 5                 # manifold Lookahead every k steps (0 = off)
+    lookahead_alpha: float = 0.5
+    grad_clip: float = 3.0               # max global gradient norm (0 = off)
+    warmup_epochs: float = 20.0          # linear warm-up, then cosine decay to min_lr
+    min_lr: float = 0.0
+
+
+@dataclass
+class LossConfig:
+    name: str = "emma"                   # emma | margin | ce
+    eps_255: float = 36.0                # target certified radius, in 1/255 units
+    eps_start: float = 0.1               # training eps ramps from eps_start x ...
+    eps_end: float = 3.0                 # ... to eps_end x the target
+    eps_ramp: float = 0.5                # over this share of training
+    lipschitz_every: int = 1             # measure model.lipschitz_bound() every N steps
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 256                # global batch (split over processes)
+    seed: int = 0
+    device: str = "auto"                 # auto | cpu | cuda | cuda:N
+    precision: str = "auto"              # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    compile: bool = False                # torch.compile the model
+    activation_checkpointing: bool = False
+    retraction: str = "svd"              # polar retraction method: svd | newton_schulz
+    eval_every: int = 1                  # certify the val split every N epochs (0 = never)
+    eval_max: Optional[int] = None       # certify at most this many val images
+    checkpoint_every: int = 1            # epochs between checkpoints (0 = only at the end)
+    checkpoint_every_steps: int = 0      # also every N steps (0 = off)
+    keep_last: int = 3                   # checkpoints kept
+    checkpoint: bool = True              # write checkpoints at all (false: a throw-away run)
+    log_every: int = 10                  # steps between metrics lines
+    progress: bool = True                # tqdm progress bar (rank 0)
+    tensorboard: bool = True             # also write TensorBoard events (if installed)
+    on_nan: str = "stop"                 # stop | rollback (reload last checkpoint, lr x 0.5)
+    max_rollbacks: int = 3
+    stop_at_step: Optional[int] = None   # stop after this global step, as if interrupted
+    time_limit_min: Optional[float] = None  # safety net: end training early (then certify) after this
+
+
+@dataclass
+class CertifyConfig:
+    rule: str = "pairwise"               # pairwise | sqrt2
+    radii: List[float] = field(default_factory=lambda: [36.0, 72.0, 108.0, 255.0])
+    radius_unit: float = 255.0           # radii are radii[i] / radius_unit (1 = plain L2 radii)
+    batch_size: int = 512
+    split: str = "test"                  # split certified at the end of training
+
+
+@dataclass
+class DistConfig:
+    strategy: str = "auto"               # auto (ddp when launched by torchrun) | none | ddp | fsdp
+    backend: str = "auto"                # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    resume: bool = False                 # continue from the last checkpoint in run_dir
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    certify: CertifyConfig = field(default_factory=CertifyConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+
+_CHOICES = {"loss.name": ("emma", "margin", "ce"), "train.precision": ("auto", "bf16", "fp32"),
+            "train.retraction": ("svd", "newton_schulz"), "train.on_nan": ("stop", "rollback"),
+            "certify.rule": ("pairwise", "sqrt2"), "certify.split": ("train", "val", "test"),
+            "dist.strategy": ("auto", "none", "ddp", "fsdp"),
+            "dist.backend": ("auto", "nccl", "gloo"), "augment.pad_mode": ("reflect", "zeros")}
+
+
+def _check(cfg: Config) -> Config:
+    for key, choices in _CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in choices:
+            raise ValueError(f"config {key}={value!r}: choose one of {', '.join(choices)}")
+    if cfg.train.epochs < 1 or cfg.train.batch_size < 1:
+        raise ValueError("train.epochs and train.batch_size must be >= 1")
+    if not 0 <= cfg.data.generated_fraction < 1:
+        raise ValueError(f"data.generated_fraction must lie in [0, 1), got {cfg.data.generated_fraction}")
+    if cfg.data.generated_fraction > 0 and not cfg.data.generated:
+        raise ValueError("data.generated_fraction > 0 needs data.generated (a dataset spec)")
+    if cfg.train.on_nan == "rollback" and not cfg.train.checkpoint:
+        raise ValueError("train.on_nan=rollback needs checkpoints (train.checkpoint=true)")
+    if cfg.certify.radius_unit <= 0:
+        raise ValueError("certify.radius_unit must be > 0")
+    if cfg.loss.lipschitz_every < 1 or cfg.train.log_every < 1:
+        raise ValueError("loss.lipschitz_every and train.log_every must be >= 1")
+    return cfg
+
+
+def _merge(*parts) -> Config:
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), *parts)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        where = f" [{key}]" if key else ""
+        raise ValueError(f"bad config: {str(e).splitlines()[0]}{where} "
+                         "(see configs/*.yaml and docs/TRAINING.md for the keys)") from None
+    return _check(merged)  # type: ignore[arg-type]
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Schema defaults <- YAML file <- dotted overrides ``key=value``; validated."""
+    parts: list[Any] = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no config file at {path} (see configs/*.yaml)")
+        try:
+            parts.append(OmegaConf.load(path))
+        except Exception as e:  # YAML syntax errors
+            raise ValueError(f"cannot read config {path}: {e}") from None
+    for o in overrides or []:
+        if "=" not in o:
+            raise ValueError(f"override {o!r} must look like key=value (e.g. train.epochs=3)")
+    if overrides:
+        try:
+            parts.append(OmegaConf.from_dotlist(list(overrides)))
+        except OmegaConfBaseException as e:
+            raise ValueError(f"bad override: {str(e).splitlines()[0]}") from None
+    return _merge(*parts)
+
+
+def config_from_dict(d: dict) -> Config:
+    """A validated Config from a plain dict (e.g. a run's saved config.yaml)."""
+    return _merge(OmegaConf.create(d))
+
+
+def to_yaml(cfg: Config | DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg)

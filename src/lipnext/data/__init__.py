@@ -1,0 +1,67 @@
+"""Datasets: ``get_dataset(spec, split, **opts)``.
+
+Specs: ``digits`` (built in), ``npz:<file>`` or a bare ``<file>.npz``, ``cifar10:<folder>``,
+``cifar100:<folder>``, ``tiny-imagenet:<folder>``, ``imagenet:<folder>`` (streamed).
+Splits: ``train``, ``val`` (carved from the training part, for monitoring and model
+selection) and ``test`` (official test files, or the last ``holdout`` images).
+"""
+from __future__ import annotations
+
+from .augment import Augment
+from .base import SPLITS, ArrayDataset, check_split, split_indices
+from .cifar import load_cifar
+from .digits import load_digits, digits_dataset
+from .imagenet import ImageFolderStream
+from .npz import load_npz
+from .tiny_imagenet import load_tiny_imagenet
+
+__all__ = ["get_dataset", "parse_spec", "ArrayDataset", "ImageFolderStream", "Augment", "SPLITS",
+           "load_digits", "split_indices", "DATASETS"]
+
+DATASETS = ("digits", "npz", "cifar10", "cifar100", "tiny-imagenet", "imagenet")
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    """'kind:path' -> (kind, path); a bare '*.npz' path is 'npz'."""
+    spec = str(spec).strip()
+    if spec == "digits":
+        return "digits", ""
+    kind, sep, path = spec.partition(":")
+    if sep and kind in DATASETS and kind != "digits":
+        if not path:
+            raise ValueError(f"dataset spec {spec!r} needs a path after '{kind}:'")
+        return kind, path
+    if spec.endswith(".npz"):
+        return "npz", spec
+    raise ValueError(f"unknown dataset spec {spec!r}; use digits, npz:<file>, <file>.npz, "
+                     "cifar10:<folder>, cifar100:<folder>, tiny-imagenet:<folder> or imagenet:<folder>")
+
+
+def get_dataset(spec: str, split: str = "train", holdout: int | None = None,
+                val_fraction: float | None = None, **opts):
+    """The ``split`` of dataset ``spec``.
+
+    Options: ``holdout`` (digits, npz: the last N images are the test split; digits
+    defaults to 360, npz to 0 = no test split), ``val_fraction`` (share of the training
+    part used as validation, default 0.1; 0.01 for ImageNet), ``num_classes`` (npz),
+    ``image_size`` (ImageNet, default 224).
+    """
+    check_split(split)
+    kind, path = parse_spec(spec)
+    if holdout is not None and kind not in ("digits", "npz"):
+        raise ValueError(f"{kind} has an official test split; holdout applies to digits and npz only")
+    vf = {} if val_fraction is None else {"val_fraction": val_fraction}
+    allowed = {"npz": {"num_classes"}, "imagenet": {"image_size"}}.get(kind, set())
+    unknown = set(opts) - allowed
+    if unknown:
+        raise TypeError(f"unknown option(s) {sorted(unknown)} for a {kind} dataset"
+                        + (f"; allowed: {sorted(allowed)}" if allowed else ""))
+    if kind == "digits":
+        return digits_dataset(split, holdout, **vf)
+    if kind == "npz":
+        return load_npz(path, split, holdout or 0, **vf, **opts)
+    if kind in ("cifar10", "cifar100"):
+        return load_cifar(path, 10 if kind == "cifar10" else 100, split, **vf)
+    if kind == "tiny-imagenet":
+        return load_tiny_imagenet(path, split, **vf)
+    return ImageFolderStream(path, split, **vf, **opts)

@@ -1,0 +1,150 @@
+"""Checkpoints: ``<run>/checkpoints/step_XXXXXXXX/`` holding
+
+* ``model.safetensors``: the weights (lipnext format, loadable by ``lipnext certify``);
+* ``optimizer.safetensors``: every optimizer state tensor (``state.<i>.<name>``) and the
+  RNG states (``rng.cpu``, ``rng.cuda.<d>``: uint8 tensors);
+* ``state.json``: step, epoch, scalars, the optimizer's param groups and non-tensor state.
+
+No pickle anywhere. A checkpoint is written into a hidden temporary folder, each file
+fsync'ed, then renamed into place with ``os.replace`` (atomic): a crash mid-write leaves
+only a ``.tmp-*`` folder, which loading ignores. Only the last ``keep_last`` are kept.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..io import read_metadata, save_model
+
+__all__ = ["save_checkpoint", "load_checkpoint", "list_checkpoints", "latest_checkpoint",
+           "CHECKPOINT_DIR"]
+
+CHECKPOINT_DIR = "checkpoints"
+_NAME = re.compile(r"^step_(\d{8,})$")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _flatten_optimizer(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for name, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"state.{pid}.{name}"] = v.detach().cpu().clone().contiguous()
+            else:
+                scalars.setdefault(str(pid), {})[name] = v
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
+              for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "state_scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in tensors.items():
+        if key.startswith("state."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v
+    for pid, st in meta["state_scalars"].items():
+        state.setdefault(int(pid), {}).update(st)
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def rng_tensors() -> dict[str, torch.Tensor]:
+    out = {"rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"rng.cuda.{i}"] = s
+    return out
+
+
+def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(tensors["rng.cpu"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary folders are ignored)."""
+    d = Path(run_dir) / CHECKPOINT_DIR
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, state: dict[str, Any],
+                    keep_last: int = 3) -> Path:
+    """Atomically write checkpoint ``step`` and delete all but the last ``keep_last``."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp-step_{step:08d}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    save_model(model, tmp / "model.safetensors")
+    save_file({**opt_tensors, **rng_tensors()}, str(tmp / "optimizer.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({**state, "step": step, "optimizer": opt_meta}, indent=1))
+    for f in ("optimizer.safetensors", "state.json"):
+        _fsync(tmp / f)
+    if final.exists():          # the same step written again (e.g. after a rollback)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync(root)
+    for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: str | Path, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """Load weights (and optimizer state, RNG) into ``model`` / ``optimizer``; return state.json.
+
+    Raises a clear error if the checkpoint holds another architecture or configuration.
+    """
+    path = Path(path)
+    for f in ("model.safetensors", "optimizer.safetensors", "state.json"):
+        if not (path / f).is_file():
+            raise FileNotFoundError(f"{path} is not a complete lipnext checkpoint ({f} missing)")
+    meta = read_metadata(path / "model.safetensors")
+    want = {"arch": getattr(model, "arch", ""), "config": model.config()}
+    have = {"arch": meta["arch"], "config": json.loads(meta["config"])}
+    if json.dumps(want, sort_keys=True) != json.dumps(have, sort_keys=True):
+        diff = sorted(k for k in set(want["config"]) | set(have["config"])
+                      if want["config"].get(k) != have["config"].get(k))
+        raise ValueError(f"checkpoint {path} holds a different model ({have['arch']}, differing in "
+                         f"{diff or 'arch'}: checkpoint {[have['config'].get(k) for k in diff]} vs "
+                         f"config {[want['config'].get(k) for k in diff]}); use the run's own config "
+                         "or a new run_dir")
+    weights = load_file(str(path / "model.safetensors"))
+    model.load_state_dict(weights, strict=True)
+    state = json.loads((path / "state.json").read_text())
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    if optimizer is not None:
+        optimizer.load_state_dict(_unflatten_optimizer(tensors, state.pop("optimizer")))
+    restore_rng(tensors)
+    return state

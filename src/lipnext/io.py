@@ -1,0 +1,116 @@
+"""Saving and loading models: safetensors weights with the JSON config in the metadata.
+
+One file, no pickle: the header's metadata holds ``{"format": "lipnext", "arch": ...,
+"config": <json>, "version": ...}``; loading rebuilds the architecture from the config
+and loads the tensors strictly. Writes are atomic (temporary file + os.replace).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .models.base import CertifiableModel
+from .models.registry import build_from_config
+
+__all__ = ["save_model", "load_model", "atomic_write", "WEIGHTS_NAME", "FORMAT_VERSION"]
+
+WEIGHTS_NAME = "model.safetensors"
+FORMAT_VERSION = "1"
+
+
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """Call ``write(tmp_path)`` then atomically rename tmp_path to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def _weights_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path / WEIGHTS_NAME if path.is_dir() or path.suffix == "" else path
+
+
+def save_model(model: CertifiableModel, path: str | os.PathLike) -> Path:
+    """Write ``model`` to ``path`` (a .safetensors file, or a folder that gets model.safetensors)."""
+    target = _weights_path(path)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
+               if v is not None}
+    meta = {"format": "lipnext", "format_version": FORMAT_VERSION, "arch": model.arch,
+            "config": json.dumps(model.config())}
+    return atomic_write(target, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The safetensors metadata of a lipnext weights file, with clear errors."""
+    from safetensors import safe_open
+
+    target = _weights_path(path)
+    if not target.exists():
+        raise FileNotFoundError(f"no model weights at {target}")
+    try:
+        with safe_open(str(target), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{target} is not a readable safetensors file ({e}); "
+                         "lipnext never unpickles weights, save them with lipnext.save_model") from None
+    if meta.get("format") != "lipnext":
+        raise ValueError(f"{target} is a safetensors file but not a lipnext model "
+                         "(no lipnext metadata); build the model and load_state_dict yourself")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{target} has lipnext format version {meta.get('format_version')!r}, "
+                         f"this lipnext reads version {FORMAT_VERSION}")
+    return meta
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> CertifiableModel:
+    """Rebuild a model saved by :func:`save_model` (a file or a run folder)."""
+    target = _weights_path(path)
+    meta = read_metadata(target)
+    try:
+        arch, config = meta["arch"], json.loads(meta["config"])
+        if not isinstance(config, dict):
+            raise ValueError("the config is not a JSON object")
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{target} has a damaged lipnext header (arch/config: {e}); "
+                         "re-save the model with lipnext.save_model") from None
+    try:
+        model = build_from_config(arch, config)
+    except KeyError:  # unknown architecture: its own clear message
+        raise
+    except (TypeError, ValueError, ArithmeticError, RuntimeError) as e:  # unknown key, bad value
+        raise ValueError(f"{target} was saved by another lipnext version or model: its {arch} "
+                         f"config does not fit this version ({type(e).__name__}: {e})") from None
+    try:
+        state = load_file(str(target), device=str(device))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{target} is damaged: its tensors cannot be read ({e})") from None
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"{target} holds NaN or Inf values in {bad[:5]}: the file is damaged or "
+                         "the training diverged; use an earlier checkpoint")
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatch
+        raise ValueError(f"{target} does not match the {meta['arch']} architecture of its "
+                         f"config: {str(e).splitlines()[-1].strip()}") from None
+    if missing or unexpected:
+        raise ValueError(f"{target} does not match the {meta['arch']} architecture of its config: "
+                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.to(device)

@@ -1,0 +1,70 @@
+"""The interface every certifiable lipnext model follows.
+
+A model is a trunk f = forward_features(x) with a sound Lipschitz bound L
+(``lipschitz_bound()``) followed by a linear head z = forward_head(f) = W f + b whose
+effective weight W is ``head_weight()``. Certification (``lipnext.certify``) needs
+nothing else, so any architecture with this interface can be certified and verified.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["CertifiableModel", "check_images"]
+
+
+def check_images(x: torch.Tensor, in_chans: int, image_size: tuple[int, int]) -> None:
+    """Raise a clear error unless x is a float (B, in_chans, H, W) batch of finite pixels."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor of images, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"expected float pixels in [0, 1], got dtype {x.dtype}; "
+                        "convert uint8 images with x.float() / 255")
+    if x.dim() != 4:
+        raise ValueError(f"expected images of shape (B, {in_chans}, {image_size[0]}, {image_size[1]}), "
+                         f"got shape {tuple(x.shape)}; add a batch dimension with x.unsqueeze(0)"
+                         if x.dim() == 3 else
+                         f"expected images of shape (B, {in_chans}, {image_size[0]}, {image_size[1]}), "
+                         f"got shape {tuple(x.shape)}")
+    if x.shape[1] != in_chans:
+        hint = " (channels-last input? use x.permute(0, 3, 1, 2))" if x.shape[-1] == in_chans else ""
+        raise ValueError(f"the model expects {in_chans} input channels, got {x.shape[1]} "
+                         f"in shape {tuple(x.shape)}{hint}")
+    if tuple(x.shape[-2:]) != tuple(image_size):
+        raise ValueError(f"the model was built for {image_size[0]}x{image_size[1]} images, got "
+                         f"{x.shape[-2]}x{x.shape[-1]}; resize the inputs or create the model with "
+                         f"image_size={x.shape[-2]}")
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
+        raise ValueError("the input contains NaN or Inf values")
+
+
+class CertifiableModel(nn.Module):
+    """Base class: trunk with a sound Lipschitz bound + linear head; config round-trips."""
+
+    arch: str = ""
+    num_classes: int
+    in_chans: int
+    image_size: tuple[int, int]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_head(self, f: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def lipschitz_bound(self) -> float:
+        """Sound upper bound on the L2 Lipschitz constant of forward_features."""
+        raise NotImplementedError
+
+    def head_weight(self) -> torch.Tensor:
+        """The effective (K, C) weight W of the linear head z = W f + b."""
+        raise NotImplementedError
+
+    def config(self) -> dict[str, Any]:
+        """Constructor keyword arguments (JSON-serialisable) that rebuild this model."""
+        raise NotImplementedError

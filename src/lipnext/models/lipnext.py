@@ -1,0 +1,126 @@
+"""LipNeXt: orthogonal channel mixing around parameter-free spatial shifts.
+
+Block (DESIGN §1), tokens X channels-last:
+
+    Z = beta_abs(M R^T S(R (X + p)) + b)
+
+with R, M orthogonal, S the circular spatial shift, p a positional encoding. In row
+form (tokens are rows) this is ((X + p) R^T) -> S -> (. R M^T) + b, so each block costs
+two GEMMs over the B*h*w token rows plus one C x C product R M^T.
+Trunk: stem -> blocks -> L2 pooling, with Lipschitz bound
+L = s_in * ||W_stem|| * prod_blocks ||R||^2 ||M|| (measured, DESIGN §2).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..bounds import spectral_norm_bound
+from ..nn import BetaAbs, L2Pool, NormalizedLinear, OrthogonalParameter, OrthogonalPatchStem, \
+    PositionalEncoding, SpatialShift, random_orthogonal
+from .base import CertifiableModel, check_images
+
+__all__ = ["LipNeXt", "LipNeXtBlock", "default_patch_size"]
+
+
+def default_patch_size(image_size: int) -> int:
+    """4 for CIFAR-sized inputs, 16 for ImageNet-sized ones, smaller for tiny images."""
+    if image_size >= 128:
+        return 16
+    if image_size >= 32:
+        return 4
+    return max(1, image_size // 4)
+
+
+class LipNeXtBlock(nn.Module):
+    """Z = beta_abs(M R^T S(R (X + p)) + b) on channels-last tokens."""
+
+    def __init__(self, width: int, grid: tuple[int, int], alpha: float = 1 / 8, beta: float = 0.5):
+        super().__init__()
+        self.pos = PositionalEncoding(grid)
+        self.R = OrthogonalParameter(random_orthogonal(width))
+        self.M = OrthogonalParameter(random_orthogonal(width))
+        self.shift = SpatialShift(width, alpha)
+        self.bias = nn.Parameter(torch.zeros(width))
+        self.act = BetaAbs(width, beta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.R.to(x.dtype)
+        y = self.shift(self.pos(x) @ r.mT)
+        return self.act(y @ (r @ self.M.to(x.dtype).mT) + self.bias.to(x.dtype))
+
+
+class LipNeXt(CertifiableModel):
+    """LipNeXt classifier on raw pixels in [0, 1] of shape (B, in_chans, H, W)."""
+
+    arch = "lipnext"
+
+    def __init__(self, depth: int = 8, width: int = 128, num_classes: int = 10, in_chans: int = 3,
+                 image_size: int | Sequence[int] = 32, patch_size: int | None = None,
+                 alpha: float = 1 / 8, beta: float = 0.5, mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None, seed: int | None = None):
+        super().__init__()
+        hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        if len(hw) != 2 or min(hw) < 1:
+            raise ValueError(f"image_size must be an int or (H, W), got {image_size}")
+        patch_size = patch_size or default_patch_size(min(hw))
+        if hw[0] % patch_size or hw[1] % patch_size:
+            raise ValueError(f"patch_size {patch_size} does not divide the image size {hw}")
+        if depth < 1 or width < 1 or num_classes < 2:
+            raise ValueError(f"need depth >= 1, width >= 1, num_classes >= 2; "
+                             f"got {depth}, {width}, {num_classes}")
+        mean = list(mean) if mean is not None else [0.5] * in_chans
+        self._config = dict(depth=depth, width=width, num_classes=num_classes, in_chans=in_chans,
+                            image_size=list(hw), patch_size=patch_size, alpha=alpha, beta=beta,
+                            mean=[float(m) for m in mean],
+                            std=None if std is None else [float(s) for s in std], seed=seed)
+        self.depth, self.width, self.num_classes, self.in_chans = depth, width, num_classes, in_chans
+        self.image_size, self.patch_size = hw, patch_size
+        grid = (hw[0] // patch_size, hw[1] // patch_size)
+        with torch.random.fork_rng(enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            self.stem = OrthogonalPatchStem(in_chans, width, patch_size, mean, std)
+            self.blocks = nn.ModuleList(LipNeXtBlock(width, grid, alpha, beta) for _ in range(depth))
+            self.pool = L2Pool()
+            self.head = NormalizedLinear(width, num_classes)
+        self.validate_inputs = True
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled trunk features (B, width)."""
+        if self.validate_inputs:
+            check_images(x, self.in_chans, self.image_size)
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.pool(x)
+
+    def forward_head(self, f: torch.Tensor) -> torch.Tensor:
+        return self.head(f)
+
+    def orthogonal_stacks(self) -> dict[str, torch.Tensor]:
+        """All R and all M matrices stacked, (depth, C, C) each."""
+        return {"R": torch.stack([b.R.detach() for b in self.blocks]),
+                "M": torch.stack([b.M.detach() for b in self.blocks])}
+
+    @torch.no_grad()
+    def lipschitz_factors(self) -> dict[str, float]:
+        """Measured spectral-norm bounds: input scale, stem, and the product over blocks."""
+        st = self.orthogonal_stacks()
+        r, m = spectral_norm_bound(st["R"]), spectral_norm_bound(st["M"])
+        return {"input": self.stem.input_scale(),
+                "stem": float(spectral_norm_bound(self.stem.matrix())),
+                "blocks": float(torch.prod(r * r * m))}
+
+    def lipschitz_bound(self) -> float:
+        f = self.lipschitz_factors()
+        return f["input"] * f["stem"] * f["blocks"]
+
+    def head_weight(self) -> torch.Tensor:
+        return self.head.normalized_weight()
+
+    def config(self) -> dict[str, Any]:
+        return dict(self._config)

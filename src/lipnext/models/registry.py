@@ -1,0 +1,64 @@
+"""A registry of architectures and of named configurations (timm-style).
+
+``register_arch`` records a model class under its ``arch`` name so that a saved
+config rebuilds it; ``register_model`` records a named configuration.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+from .base import CertifiableModel
+
+__all__ = ["register_arch", "register_model", "create_model", "list_models", "model_entry",
+           "build_from_config"]
+
+_ARCHS: dict[str, type[CertifiableModel]] = {}
+_MODELS: dict[str, tuple[str, dict[str, Any], str]] = {}
+
+
+def register_arch(cls: type[CertifiableModel]) -> type[CertifiableModel]:
+    """Class decorator: make ``cls`` loadable from a saved config by its ``arch`` name."""
+    _ARCHS[cls.arch] = cls
+    return cls
+
+
+def register_model(name: str, arch: str, description: str = "", **defaults: Any) -> None:
+    """Record a named configuration: the architecture and its constructor defaults."""
+    if name in _MODELS:
+        raise ValueError(f"model name {name!r} is already registered")
+    _MODELS[name] = (arch, defaults, description)
+
+
+def list_models(pattern: str = "") -> list[str]:
+    """Names of the registered configurations, optionally filtered by a substring."""
+    return sorted(n for n in _MODELS if pattern in n)
+
+
+def model_entry(name: str) -> tuple[str, dict[str, Any], str]:
+    """(arch, defaults, description) of a named configuration."""
+    if name not in _MODELS:
+        close = difflib.get_close_matches(name, _MODELS, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise KeyError(f"unknown model {name!r}.{hint} Available: {', '.join(list_models())} "
+                       "(`lipnext models` lists them)")
+    return _MODELS[name]
+
+
+def build_from_config(arch: str, config: dict[str, Any]) -> CertifiableModel:
+    """Instantiate architecture ``arch`` with constructor kwargs ``config``."""
+    if arch not in _ARCHS:
+        raise KeyError(f"unknown architecture {arch!r}; known: {', '.join(sorted(_ARCHS))}")
+    return _ARCHS[arch](**config)
+
+
+def create_model(name: str, num_classes: int = 10, in_chans: int = 3, image_size: Any = 32,
+                 **overrides: Any) -> CertifiableModel:
+    """Build the named model for ``num_classes`` classes of (in_chans, H, W) images."""
+    arch, defaults, _ = model_entry(name)
+    kwargs = {**defaults, "num_classes": num_classes, "in_chans": in_chans,
+              "image_size": image_size, **overrides}
+    try:
+        return build_from_config(arch, kwargs)
+    except TypeError as e:
+        raise TypeError(f"bad option for model {name!r}: {e}") from None

@@ -1,0 +1,36 @@
+"""beta-Abs: |x| on the first ``beta * C`` channels, identity on the rest (1-Lipschitz).
+
+At beta = 1/2 it equals MinMax up to an orthogonal change of basis:
+with u = (a + b)/sqrt 2, v = (a - b)/sqrt 2, (max(a,b), min(a,b)) = Q (u, |v|) for a
+fixed orthogonal Q.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["BetaAbs"]
+
+
+class BetaAbs(nn.Module):
+    """y_c = |x_c| for c < beta*C, y_c = x_c otherwise (channels last)."""
+
+    def __init__(self, channels: int, beta: float = 0.5):
+        super().__init__()
+        if not 0 <= beta <= 1:
+            raise ValueError(f"beta must lie in [0, 1], got {beta}")
+        self.channels = channels
+        self.beta = beta
+        self.num_abs = int(round(beta * channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.num_abs
+        if k == 0:
+            return x
+        if k == x.shape[-1]:
+            return x.abs()
+        a, rest = torch.split(x, [k, x.shape[-1] - k], dim=-1)
+        return torch.cat([a.abs(), rest], dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, beta={self.beta}"

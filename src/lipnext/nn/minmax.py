@@ -1,0 +1,32 @@
+"""MinMax activation and non-overlapping patch extraction for convolutional baselines.
+
+MinMax (GroupSort of size 2) on channels-first tensors: the channels are split into
+halves (a, b) and mapped to (max(a, b), min(a, b)), a 1-Lipschitz, norm-preserving
+sorting of each pair. ``patchify`` reorders pixels into non-overlapping p x p patches,
+a permutation, hence an isometry.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["MinMax", "patchify"]
+
+
+class MinMax(nn.Module):
+    """(a, b) -> (max(a, b), min(a, b)) on channel halves along ``dim`` (even size)."""
+
+    def __init__(self, dim: int = 1):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = x.chunk(2, dim=self.dim)
+        return torch.cat([torch.maximum(a, b), torch.minimum(a, b)], dim=self.dim)
+
+
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/p, W/p, C p^2), each row one flattened p x p patch."""
+    b, c, hh, ww = x.shape
+    x = x.reshape(b, c, hh // p, p, ww // p, p).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, hh // p, ww // p, c * p * p)

@@ -1,0 +1,66 @@
+"""Orthogonal patch stem and the positional encoding.
+
+The stem cuts x (B, C_in, H, W) into non-overlapping p x p patches (a permutation,
+so an isometry) and maps each patch vector (d = C_in p^2) to C channels with
+W = Q[:C, :d], the top-left block of a square orthogonal Q (n = max(C, d)):
+orthonormal columns when C >= d (an isometry), orthonormal rows otherwise
+(||W||_2 = 1). The dataset mean is subtracted first (a translation, Lipschitz 1);
+an optional division by the std multiplies the bound by 1 / min(std).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .orthogonal import OrthogonalParameter, random_orthogonal
+
+__all__ = ["OrthogonalPatchStem", "PositionalEncoding"]
+
+
+class OrthogonalPatchStem(nn.Module):
+    """x -> patches(x - mean) @ W^T, tokens channels-last (B, H/p, W/p, C)."""
+
+    def __init__(self, in_chans: int, width: int, patch_size: int,
+                 mean: Sequence[float], std: Sequence[float] | None = None):
+        super().__init__()
+        if len(mean) != in_chans:
+            raise ValueError(f"mean has {len(mean)} entries but the input has {in_chans} channels")
+        if std is not None and (len(std) != in_chans or min(std) <= 0):
+            raise ValueError(f"std must have {in_chans} positive entries, got {list(std)}")
+        self.in_chans, self.width, self.patch_size = in_chans, width, patch_size
+        self.patch_dim = in_chans * patch_size * patch_size
+        self.weight = OrthogonalParameter(random_orthogonal(max(width, self.patch_dim)))
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("inv_std", None if std is None else
+                             1.0 / torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def matrix(self) -> torch.Tensor:
+        """W = Q[:C, :d], the linear map applied to each patch vector."""
+        return self.weight[: self.width, : self.patch_dim]
+
+    def input_scale(self) -> float:
+        """Lipschitz constant of the normalisation: 1, or 1/min(std) if dividing by std."""
+        return 1.0 if self.inv_std is None else float(self.inv_std.max())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x - self.mean
+        if self.inv_std is not None:
+            x = x * self.inv_std
+        b, c, hh, ww = x.shape
+        p = self.patch_size
+        x = x.reshape(b, c, hh // p, p, ww // p, p).permute(0, 2, 4, 1, 3, 5)
+        x = x.reshape(b, hh // p, ww // p, self.patch_dim)
+        return x @ self.matrix().mT
+
+
+class PositionalEncoding(nn.Module):
+    """A learnable p of shape (h, w, 1), added to every channel: X + p 1^T (a translation)."""
+
+    def __init__(self, grid: tuple[int, int]):
+        super().__init__()
+        self.pos = nn.Parameter(torch.zeros(grid[0], grid[1], 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.pos.to(x.dtype)

@@ -1,0 +1,10 @@
+"""Training on the orthogonal manifold: FastExp, polar retraction, ManifoldAdam (DESIGN §3)."""
+from .factory import build_optimizer
+from .fast_exp import TAYLOR_THRESHOLDS, fast_exp
+from .manifold_adam import ManifoldAdam, lie_gradient
+from .polar import polar_retract, retract_model
+
+__all__ = [
+    "TAYLOR_THRESHOLDS", "ManifoldAdam", "build_optimizer", "fast_exp", "lie_gradient",
+    "polar_retract", "retract_model",
+]

@@ -1,0 +1,256 @@
+"""ManifoldAdam: Adam/NAdam whose orthogonal weights stay on O(n) through the exponential map.
+
+For an orthogonal X with Euclidean gradient G, at step t (DESIGN §3):
+
+    A = (X^T G - G^T X) / 2                                  Riemannian gradient, skew
+    m <- b1 m + (1 - b1) A,   v <- b2 v + (1 - b2) A * A       elementwise moments
+    D = (c_m m + c_g A) / (sqrt(v / (1 - b2^t)) + eps)         skew (m, A skew; v symmetric)
+        Adam:  c_m = 1 / (1 - b1^t),  c_g = 0
+        NAdam: c_m = mu_{t+1} / (1 - mu_1...mu_{t+1}),  c_g = (1 - mu_t) / (1 - mu_1...mu_t),
+               mu_t = b1 (1 - 0.5 * 0.96^(t * momentum_decay))   (as torch.optim.NAdam)
+    U = -lr_eff (D + wd_o (X - X^T) / 2),  lr_eff = lr * orthogonal_lr_scale
+    X <- X @ FastExp(U)
+
+wd_o (``orthogonal_weight_decay``, 0 by default) is a decoupled pull towards the identity
+(the Riemannian gradient of ||X - I||^2 / 2): ||X||_F is constant on O(n), so shrinking X
+has no meaning there. Other parameters take the same Adam/NAdam step on G with decoupled
+(AdamW) weight decay p <- (1 - lr wd) p.
+
+Lookahead (``lookahead_k`` = K > 0): orthogonal X keep a slow copy X_slow and S, the sum of
+the steps U since the last sync; every K steps X_slow <- X_slow @ FastExp(alpha S), X <- X_slow,
+S <- 0. Ordinary parameters: slow <- slow + alpha (fast - slow), fast <- slow.
+
+Batching: same-shaped orthogonal weights of a group are updated as one stack. Their state
+tensors (per parameter, torch.optim layout: ``step``, ``mu_product``, ``exp_avg``,
+``exp_avg_sq`` and, with Lookahead, ``slow`` and ``lookahead_sum``) are views into stacked
+buffers, so a step moves no state; after ``load_state_dict`` the buffers are rebuilt.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ..nn.orthogonal import is_orthogonal
+from .fast_exp import fast_exp
+from .polar import group_by_shape, retract_
+
+__all__ = ["ManifoldAdam", "lie_gradient", "skew"]
+
+_SCALARS = ("step", "mu_product")  # float32 CPU scalars per parameter, as in torch.optim
+_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def skew(x: Tensor) -> Tensor:
+    """(X - X^T) / 2, the skew-symmetric part."""
+    return (x - x.mT) / 2
+
+
+def lie_gradient(x: Tensor, g: Tensor) -> Tensor:
+    """A = (X^T G - G^T X) / 2: the Riemannian gradient at X, pulled back to the Lie algebra."""
+    return skew(x.mT @ g)
+
+
+def _is_row(t: Tensor | None, buf: Tensor, i: int) -> bool:
+    """True if t is the i-th row of buf (a view sharing its memory)."""
+    return (t is not None and t.dtype == buf.dtype and t.shape == buf.shape[1:]
+            and t.data_ptr() == buf.data_ptr() + i * buf.stride(0) * buf.element_size())
+
+
+def _due(step: Tensor, k: int) -> Tensor:
+    """Indices of the entries whose step count is a multiple of k (Lookahead sync)."""
+    return (torch.remainder(step, k) == 0).nonzero().squeeze(1)
+
+
+def _coefficients(step: Tensor, mu_product: Tensor,
+                  group: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+    """Advance step (and mu_product) in place; return float64 (c_m, c_g, 1 - b2^t)."""
+    beta1, beta2 = group["betas"]
+    step += 1
+    t = step.double()
+    mu = beta1 * (1 - 0.5 * 0.96 ** (t * group["momentum_decay"]))
+    mu_next = beta1 * (1 - 0.5 * 0.96 ** ((t + 1) * group["momentum_decay"]))
+    mu_product.mul_(mu)
+    if group["nesterov"]:
+        prod = mu_product.double()
+        return mu_next / (1 - prod * mu_next), (1 - mu) / (1 - prod), 1 - beta2**t
+    return 1 / (1 - beta1**t), torch.zeros_like(t), 1 - beta2**t
+
+
+class ManifoldAdam(Optimizer):
+    """Adam/NAdam with orthogonal weights updated on O(n) (see the module docstring).
+
+    A group is orthogonal if it has ``orthogonal=True`` or, without that key, if all its
+    parameters are ``OrthogonalParameter``. Orthogonal groups use ``lr * orthogonal_lr_scale``
+    and ``orthogonal_weight_decay`` (``weight_decay`` applies to the other groups only).
+    ``nesterov=True`` is NAdam (``momentum_decay`` as in torch.optim.NAdam).
+    """
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, nesterov: bool = False,
+                 orthogonal_lr_scale: float = 0.5, orthogonal_weight_decay: float = 0.0,
+                 lookahead_k: int = 0, lookahead_alpha: float = 0.5,
+                 momentum_decay: float = 4e-3):
+        if lr < 0 or eps < 0 or orthogonal_lr_scale < 0 or momentum_decay < 0:
+            raise ValueError("lr, eps, orthogonal_lr_scale and momentum_decay must be >= 0")
+        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"betas must lie in [0, 1), got {betas}")
+        if weight_decay < 0 or orthogonal_weight_decay < 0:
+            raise ValueError("weight decays must be >= 0")
+        if not isinstance(lookahead_k, int) or lookahead_k < 0:
+            raise ValueError(f"lookahead_k must be an int >= 0 (0 disables), got {lookahead_k!r}")
+        if not 0 < lookahead_alpha <= 1:
+            raise ValueError(f"lookahead_alpha must lie in (0, 1], got {lookahead_alpha}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        nesterov=nesterov, momentum_decay=momentum_decay,
+                        orthogonal_lr_scale=orthogonal_lr_scale,
+                        orthogonal_weight_decay=orthogonal_weight_decay,
+                        lookahead_k=lookahead_k, lookahead_alpha=lookahead_alpha)
+        # (group index, shape, dtype, device) -> (ids of the stacked params, stacked buffers)
+        self._stacks: dict[tuple, tuple[tuple[int, ...], dict[str, Tensor]]] = {}
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        marked = [is_orthogonal(p) for p in group["params"]]
+        try:
+            if "orthogonal" not in group:
+                if any(marked) and not all(marked):
+                    raise ValueError(
+                        "a param group mixes OrthogonalParameter and ordinary parameters; "
+                        "put them in separate groups or set orthogonal=True/False on the group")
+                group["orthogonal"] = bool(marked) and all(marked)
+            if group["orthogonal"] and any(p.dim() != 2 or p.shape[0] != p.shape[1]
+                                           for p in group["params"]):
+                raise ValueError("an orthogonal param group may only hold square matrices")
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._stacks.clear()
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """One optimisation step; parameters whose grad is None are skipped."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for index, group in enumerate(self.param_groups):
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                self._init_state(p, group)
+            if group["orthogonal"]:
+                for batch in group_by_shape(params):
+                    self._orthogonal_step(index, batch, group)
+            elif params:
+                self._euclidean_step(index, params, group)
+        return loss
+
+    @torch.no_grad()
+    def retract(self, method: str = "svd") -> float:
+        """Polar-retract the orthogonal weights and their Lookahead slow copies in place.
+
+        Returns the largest drift max|X^T X - I| before the retraction.
+        """
+        params = [p for g in self.param_groups if g["orthogonal"] for p in g["params"]]
+        slows = [self.state[p]["slow"] for p in params if "slow" in self.state.get(p, {})]
+        return retract_(params + slows, method)
+
+    def _init_state(self, p: Tensor, group: dict[str, Any]) -> None:
+        state = self.state[p]
+        dtype = torch.promote_types(p.dtype, torch.float32) if group["orthogonal"] else p.dtype
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["mu_product"] = torch.tensor(1.0)
+            for name in _MOMENTS:
+                state[name] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+        if group["lookahead_k"] and "slow" not in state:
+            state["slow"] = p.detach().to(dtype, copy=True)
+            if group["orthogonal"]:
+                state["lookahead_sum"] = torch.zeros_like(state["slow"])
+
+    def _stacked(self, key: tuple, params: list[Tensor], names: tuple[str, ...],
+                 dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+        """Buffers (one per name) whose rows are the params' state tensors; rebuilt if stale."""
+        ids = tuple(map(id, params))
+        cached = self._stacks.get(key)
+        if (cached is not None and cached[0] == ids and set(cached[1]) == set(names)
+                and all(_is_row(self.state[p].get(n), buf, i)
+                        for n, buf in cached[1].items() for i, p in enumerate(params))):
+            return cached[1]
+        bufs = {}
+        for n in names:
+            to = dict(dtype=torch.float32, device="cpu") if n in _SCALARS else \
+                dict(dtype=dtype, device=params[0].device)
+            bufs[n] = torch.stack([self.state[p][n].to(**to) for p in params])
+            for p, row in zip(params, bufs[n].unbind(0)):
+                self.state[p][n] = row
+        self._stacks[key] = (ids, bufs)
+        return bufs
+
+    def _orthogonal_step(self, index: int, params: list[Tensor], group: dict[str, Any]) -> None:
+        k = group["lookahead_k"]
+        dtype = torch.promote_types(params[0].dtype, torch.float32)
+        names = _SCALARS + _MOMENTS + (("slow", "lookahead_sum") if k else ())
+        key = (index, tuple(params[0].shape), params[0].dtype, params[0].device)
+        s = self._stacked(key, params, names, dtype)
+        x = torch.stack(params).to(dtype)
+        a = lie_gradient(x, torch.stack([p.grad for p in params]).to(dtype))
+
+        beta1, beta2 = group["betas"]
+        c_m, c_g, bc2 = (c.to(x.device, dtype).view(-1, 1, 1)
+                         for c in _coefficients(s["step"], s["mu_product"], group))
+        s["exp_avg"].lerp_(a, 1 - beta1)
+        s["exp_avg_sq"].mul_(beta2).addcmul_(a, a, value=1 - beta2)
+        denom = (s["exp_avg_sq"] / bc2).sqrt_().add_(group["eps"])
+        d = (s["exp_avg"] * c_m).addcmul_(a, c_g).div_(denom)
+        if group["orthogonal_weight_decay"]:
+            d.add_(skew(x), alpha=group["orthogonal_weight_decay"])
+        u = d.mul_(-group["lr"] * group["orthogonal_lr_scale"])
+        x = x @ fast_exp(u)
+
+        if k:
+            s["lookahead_sum"].add_(u)
+            due = _due(s["step"], k).to(x.device)
+            if len(due):
+                slow = s["slow"][due] @ fast_exp(group["lookahead_alpha"] * s["lookahead_sum"][due])
+                s["slow"][due] = slow
+                s["lookahead_sum"][due] = 0
+                x[due] = slow
+        torch._foreach_copy_(params, list(x.unbind(0)))
+
+    def _euclidean_step(self, index: int, params: list[Tensor], group: dict[str, Any]) -> None:
+        s = self._stacked((index,), params, _SCALARS)
+        c_m, c_g, bc2 = _coefficients(s["step"], s["mu_product"], group)
+        beta1, beta2 = group["betas"]
+        lr = group["lr"]
+        grads = [p.grad for p in params]
+        exp_avg = [self.state[p]["exp_avg"] for p in params]
+        exp_avg_sq = [self.state[p]["exp_avg_sq"] for p in params]
+
+        if group["weight_decay"]:
+            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+        torch._foreach_lerp_(exp_avg, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sq, beta2)
+        torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - beta2)
+        denom = torch._foreach_div(exp_avg_sq, bc2.tolist())
+        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, group["eps"])
+        if group["nesterov"]:
+            torch._foreach_addcdiv_(params, grads, denom, (-lr * c_g).tolist())
+        torch._foreach_addcdiv_(params, exp_avg, denom, (-lr * c_m).tolist())
+
+        if group["lookahead_k"]:
+            fast = [params[i] for i in _due(s["step"], group["lookahead_k"]).tolist()]
+            if fast:
+                slow = [self.state[p]["slow"] for p in fast]
+                torch._foreach_lerp_(slow, fast, group["lookahead_alpha"])
+                torch._foreach_copy_(fast, slow)

@@ -1,0 +1,66 @@
+"""What a user keeps from a certification: a results dict, a printed table, a plot."""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .certify import Certificate
+from .io import atomic_write
+
+__all__ = ["results_dict", "format_table", "plot_certified_accuracy", "write_json"]
+
+
+def results_dict(cert: Certificate, eps: Sequence[float], labels: Sequence[str] | None = None,
+                 **extra: Any) -> dict[str, Any]:
+    """Clean accuracy, CRA at each eps, the bound and the rule, as plain JSON types."""
+    labels = list(labels) if labels is not None else [f"{e:g}" for e in eps]
+    return {"n": len(cert), "clean_accuracy": cert.accuracy,
+            "cra": {lab: cert.cra(float(e)) for lab, e in zip(labels, eps)},
+            "eps": {lab: float(e) for lab, e in zip(labels, eps)},
+            "lipschitz_bound": cert.lipschitz, "rule": cert.rule, **extra}
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """A small aligned text table of a results dict (percentages)."""
+    rows = [("clean accuracy", f"{100 * results['clean_accuracy']:.1f}%")]
+    rows += [(f"CRA @ eps={lab}", f"{100 * v:.1f}%") for lab, v in results["cra"].items()]
+    rows += [("Lipschitz bound L", f"{results['lipschitz_bound']:.6f}"),
+             ("certificate rule", results["rule"]), ("test points", str(results["n"]))]
+    w = max(len(k) for k, _ in rows)
+    line = "-" * (w + 14)
+    return "\n".join([line] + [f"{k:<{w}}  {v:>10}" for k, v in rows] + [line])
+
+
+def plot_certified_accuracy(cert: Certificate, path: str | Path, title: str = "",
+                            marks: Sequence[float] = ()) -> Path:
+    """Certified accuracy as a function of the radius eps, saved as an image."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r = cert.radius[cert.correct].double().sort().values
+    n = len(cert)
+    top = float(r.max()) * 1.05 if r.numel() else 1.0
+    grid = torch.linspace(0, top, 400, dtype=torch.float64)
+    acc = [(r > e).sum().item() / n for e in grid]
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    ax.plot(grid.numpy(), acc, lw=2)
+    for e in marks:
+        ax.axvline(e, color="grey", ls=":", lw=1)
+    ax.set(xlabel="L2 radius eps", ylabel="certified accuracy", ylim=(0, 1), xlim=(0, top),
+           title=title or f"certified accuracy (L = {cert.lipschitz:.4f}, {cert.rule})")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip(".") or "png"))
+    plt.close(fig)
+    return path
+
+
+def write_json(obj: Any, path: str | Path) -> Path:
+    """Atomically write ``obj`` as indented JSON."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))

@@ -1,0 +1,93 @@
+"""Verification of a certifiable model: are its certificates worth what they claim?
+
+``verify_model(model, x, y)`` runs every check and returns a :class:`VerifyReport`:
+
+(a) ``orthogonality_check``: orthogonality error and spectral norm of every orthogonal weight;
+(b) ``empirical_lipschitz``: gradient-ascent lower bound of the trunk's Lipschitz constant,
+    which must not exceed ``lipschitz_bound()``; ``head_check``: the head computes
+    W f + b with W = head_weight(), and forward = head o trunk;
+(c) ``attack_certified``: PGD with restarts and the DDN minimum-norm attack against every
+    certified point inside its certified radius (0 counterexamples required), and the
+    empirical robust accuracy against the CRA at each eps;
+(d) ``precision_check``: float32 certificates against float64 ones.
+
+Works for any model with the lipnext interface (forward_features, forward_head,
+lipschitz_bound, head_weight, num_classes); models without orthogonal weights report
+none for (a).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..certify import certify
+from .attacks import attack_certified, ddn_attack, pgd_attack
+from .lipschitz import empirical_lipschitz, head_check
+from .orthogonality import orthogonality_check
+from .precision import certify_float64, precision_check
+from .report import CheckResult, VerifyReport
+
+__all__ = ["Budget", "CheckResult", "VerifyReport", "attack_certified", "certify_float64",
+           "ddn_attack", "empirical_lipschitz", "head_check", "orthogonality_check",
+           "pgd_attack", "precision_check", "verify_model", "DEFAULT_EPS"]
+
+DEFAULT_EPS = (36 / 255, 72 / 255, 108 / 255)
+
+
+@dataclass
+class Budget:
+    """How hard the checks try. The defaults are the full strength of ``lipnext verify``."""
+
+    pgd_steps: int = 100
+    pgd_restarts: int = 5
+    ddn_steps: int = 200
+    era_restarts: int = 1          # PGD restarts for the empirical robust accuracy at each eps
+    lipschitz_steps: int = 200
+    lipschitz_restarts: int = 4
+    lipschitz_points: int = 32     # data points that start the Lipschitz ascent
+    attack_points: int | None = None  # attack only the first n points (None: all)
+
+    @classmethod
+    def fast(cls) -> "Budget":
+        """A small budget for tests and quick looks."""
+        return cls(pgd_steps=10, pgd_restarts=2, ddn_steps=30, lipschitz_steps=30,
+                   lipschitz_restarts=2, lipschitz_points=8)
+
+
+def verify_model(model, x: torch.Tensor, y: torch.Tensor, eps: Sequence[float] = DEFAULT_EPS,
+                 rule: str = "pairwise", budget: Budget | None = None, box: bool = True,
+                 radius_scale: float = 1.0, ortho_tol: float = 1e-4, lipschitz_rtol: float = 1e-3,
+                 attacks: bool = True, seed: int = 0, batch_size: int = 256) -> VerifyReport:
+    """Run checks (a)-(d) on ``model`` with images x (N, C, H, W) in [0, 1] and labels y."""
+    budget = budget or Budget()
+    if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] == 0:
+        raise ValueError("verify_model needs a non-empty batch of images x (N, C, H, W)")
+    times, checks = {}, []
+
+    def timed(name, fn, *a, **k):
+        t = time.perf_counter()
+        out = fn(*a, **k)
+        times[name] = round(time.perf_counter() - t, 3)
+        return out
+
+    cert = timed("certify", certify, model, x, y, rule=rule, batch_size=batch_size)
+    checks.append(timed("orthogonality", orthogonality_check, model, ortho_tol))
+    checks.append(timed("empirical_lipschitz", empirical_lipschitz, model, x[:budget.lipschitz_points],
+                        budget.lipschitz_steps, budget.lipschitz_restarts, rtol=lipschitz_rtol, seed=seed))
+    checks.append(timed("head", head_check, model, x[:256], seed=seed))
+    if attacks:
+        n = x.shape[0] if budget.attack_points is None else min(budget.attack_points, x.shape[0])
+        sub = cert if n == x.shape[0] else type(cert)(cert.radius[:n], cert.correct[:n], cert.predictions[:n],
+                                                      cert.margin[:n], cert.lipschitz, cert.rule)
+        checks.append(timed("attack", attack_certified, model, x[:n], y[:n], sub, eps, budget.pgd_steps,
+                            budget.pgd_restarts, budget.ddn_steps, budget.era_restarts, box, radius_scale,
+                            batch_size, seed))
+    checks.append(timed("precision", precision_check, model, x, y, eps, rule, batch_size))
+    info = {"model": type(model).__name__, "arch": getattr(model, "arch", ""), "points": int(x.shape[0]),
+            "rule": rule, "lipschitz_bound": cert.lipschitz, "clean_accuracy": cert.accuracy,
+            "cra": {f"{e:.6g}": cert.cra(float(e)) for e in eps}, "box": "[0, 1]" if box else "none",
+            "radius_scale": radius_scale, "budget": asdict(budget), "seconds": times}
+    return VerifyReport(checks, info)

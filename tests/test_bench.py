@@ -1,0 +1,103 @@
+"""`lipnext bench`: FLOP counts, ratios against LipNeXt, tables, the orthogonal-update
+methods and the budget race, on tiny sizes (timings themselves are not tested)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lipnext.bench.models import add_ratios, bench_table, measure_model
+from lipnext.bench.orthogonal import METHODS, orthogonal_step, run_orthogonal
+from lipnext.bench.race import RaceConfig, race_one, race_table
+from lipnext.bench.timing import peak_tflops
+from lipnext.cli import main
+from lipnext.nn import orthogonality_error
+
+
+def test_inference_flops_match_the_lipnext_formula():
+    r = measure_model("lipnext_l4w64", batch=4, image_size=8, steps=1, warmup=0, device="cpu")
+    b, t, d, c, k, depth = 4, 16, 12, 64, 10, 4          # 8x8 images, patch 2 -> 16 tokens of 12
+    expected = 2 * b * t * d * c + depth * (2 * 2 * b * t * c * c + 2 * c ** 3) + 2 * b * c * k
+    assert r["infer_flops"] == expected
+    assert r["train_flops"] > 2 * r["infer_flops"]       # backward + optimizer on top
+    assert r["step_s"] > 0 and 0 < r["optimizer_share"] < 1 and r["peak_mem_bytes"] > 0
+    assert r["mfu"] is None                              # no known peak on a CPU
+    r = measure_model("lipnext_l4w64", batch=4, image_size=8, steps=1, warmup=0, device="cpu",
+                      dtype="bf16", peak=1.0)
+    assert r["mfu"] == pytest.approx(r["achieved_flops"] / 1e12)
+
+
+def test_ratios_are_against_the_lipnext_row_of_the_same_dtype():
+    base = dict(params=1, optimizer_share=0.1, train_flops=1e9, achieved_flops=1e9, mfu=None)
+    rows = [dict(base, model="a", arch="liresnet", dtype="fp32", step_s=3.0, throughput=10.0, peak_mem_bytes=300),
+            dict(base, model="l", arch="lipnext", dtype="fp32", step_s=1.5, throughput=40.0, peak_mem_bytes=100),
+            dict(base, model="l", arch="lipnext", dtype="bf16", step_s=2.0, throughput=20.0, peak_mem_bytes=50),
+            dict(base, model="a", arch="liresnet", dtype="bf16", step_s=1.0, throughput=40.0, peak_mem_bytes=100)]
+    add_ratios(rows)
+    assert rows[0]["step_x"] == 2.0 and rows[0]["throughput_x"] == 0.25 and rows[0]["mem_x"] == 3.0
+    assert rows[3]["step_x"] == 0.5 and rows[3]["mem_x"] == 2.0 and rows[1]["step_x"] == 1.0
+    table = bench_table(rows)
+    assert table.count("\n") == 6 and "n/a (no known peak)" in table
+
+
+def test_known_gpu_peak_only():
+    assert peak_tflops(torch.device("cpu")) is None
+    assert peak_tflops(torch.device("cpu"), 2.5) == 2.5
+
+
+@pytest.mark.parametrize("method", ["lipnext_manifold_adam", "geoopt_radam_stiefel",
+                                    "geotorch_orthogonal", "torch_orthogonal_cayley",
+                                    "fast_exp", "matrix_exp", "cayley"])
+def test_orthogonal_methods_keep_the_weight_orthogonal(method):
+    if method.startswith(("geoopt", "geotorch")):
+        pytest.importorskip(method.split("_")[0])
+    method = orthogonal_step(method, 16, torch.device("cpu"))
+    for _ in range(3):
+        method.step()
+    w = method.weight()
+    assert w.shape == (16, 16)
+    assert orthogonality_error(w) < 1e-4
+
+
+def test_run_orthogonal_writes_tables(tmp_path):
+    md = run_orthogonal([8], tmp_path, methods=["lipnext_manifold_adam", "fast_exp", "cayley"],
+                        steps=1, warmup=0, device="cpu", log=lambda s: None)
+    data = json.loads((tmp_path / "orthogonal.json").read_text())
+    assert [r["method"] for r in data["results"]] == ["lipnext_manifold_adam", "fast_exp", "cayley"]
+    assert data["results"][0]["x_lipnext"] == 1.0
+    assert "C=8" in md and (tmp_path / "orthogonal.png").stat().st_size > 0
+    with pytest.raises(KeyError, match="unknown method"):
+        run_orthogonal([8], tmp_path, methods=["nope"])
+    assert set(METHODS) >= {"geoopt_radam_stiefel", "geotorch_orthogonal", "torch_orthogonal_matrix_exp",
+                            "orthogonium_ortholinear", "torchlip_spectral_linear"}
+
+
+@pytest.fixture
+def tiny_npz(tmp_path):
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 60)
+    x = (rng.random((60, 8, 8, 3)) * 80 + 60 * y[:, None, None, None]).astype(np.uint8)
+    path = tmp_path / "tiny.npz"
+    np.savez(path, x=x, y=y)
+    return f"npz:{path}"
+
+
+@pytest.mark.parametrize("name", ["lipnext_l4w64", "liresnet_l7w64", "bronet_l6w96"])
+def test_race_trains_for_the_budget_and_certifies_the_holdout(tiny_npz, tmp_path, name):
+    cfg = RaceConfig(data=tiny_npz, holdout=20, budget_s=1.0, batch=8, bound_every=2)
+    r = race_one(name, cfg, tmp_path, log=lambda s: None)
+    assert r["steps"] >= 1 and r["n_test"] == 20 and r["train_s"] >= 1.0
+    cras = list(r["cra"].values())
+    assert list(r["cra"]) == ["36/255", "72/255", "108/255", "255/255"]
+    assert r["clean"] >= cras[0] and cras == sorted(cras, reverse=True)
+    assert (tmp_path / name / "model.safetensors").is_file()
+    assert r["model"] in race_table([r], cfg)
+
+
+def test_cli_bench_orthogonal_and_user_errors(tmp_path, capsys):
+    assert main(["bench", "--orthogonal", "--sizes", "8", "--methods", "fast_exp,matrix_exp",
+                 "--steps", "1", "--warmup", "0", "--out", str(tmp_path)]) == 0
+    assert "matrix_exp" in capsys.readouterr().out
+    assert main(["bench", "--models", "lipnext_l8w12", "--out", str(tmp_path)]) == 2
+    assert "unknown model" in capsys.readouterr().err
+    assert main(["bench", "--models", "lipnext_l4w64", "--dtype", "fp16", "--out", str(tmp_path)]) == 2

@@ -1,0 +1,103 @@
+"""`lipnext train`, `lipnext certify`, `lipnext models` and the demo recipe, end to end."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from lipnext.cli import main
+from lipnext.config import load_config
+from lipnext.demo import DEMO_RECIPE
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["model.kwargs={depth: 2, width: 32, patch_size: 2}", "train.batch_size=128", "train.epochs=1",
+         "train.progress=false", "train.tensorboard=false", "train.eval_every=0", "augment.crop_padding=1"]
+
+
+def test_train_then_certify(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(REPO / "configs" / "demo.yaml"), "--run-dir", str(run), *SMALL,
+                 "train.checkpoint=true"]) == 0
+    out = capsys.readouterr().out
+    assert "clean accuracy" in out and "CRA @ eps=0.25" in out and "Lipschitz bound" in out
+    saved = json.loads((run / "results.json").read_text())
+    # certify the run folder again (its config names the data and radii): the same numbers
+    assert main(["certify", str(run), "--out", str(tmp_path / "c.json")]) == 0
+    again = json.loads((tmp_path / "c.json").read_text())
+    assert again["n"] == 360 and again["clean_accuracy"] == saved["clean_accuracy"]
+    assert again["cra"] == saved["cra"] and list(again["cra"]) == ["0.25", "0.5", "0.75"]
+    assert main(["certify", str(run), "--radii", "36", "--radius-unit", "255", "--out",
+                 str(tmp_path / "c2.json")]) == 0
+    assert list(json.loads((tmp_path / "c2.json").read_text())["cra"]) == ["36/255"]
+    # a checkpoint folder and a weights file certify too, on explicit data
+    ckpt = next((run / "checkpoints").iterdir())
+    assert main(["certify", str(ckpt), "--data", "digits", "--limit", "50"]) == 0
+    assert main(["certify", str(run / "model.safetensors"), "--data", "digits", "--split", "val",
+                 "--plot", str(tmp_path / "p.png")]) == 0
+    assert (tmp_path / "p.png").is_file()
+
+
+def test_certify_matches_training_results(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--run-dir", str(run), "data.holdout=300", *SMALL]) == 0
+    saved = json.loads((run / "results.json").read_text())
+    assert main(["certify", str(run), "--out", str(tmp_path / "c.json")]) == 0
+    again = json.loads((tmp_path / "c.json").read_text())
+    assert again["n"] == saved["n"] == 300
+    assert again["cra"] == saved["cra"] and again["clean_accuracy"] == saved["clean_accuracy"]
+
+
+def test_user_errors_are_one_line(tmp_path, capsys):
+    assert main(["train", "train.epoch=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lipnext train: error: bad config: Key 'epoch' not in") and "Traceback" not in err
+    assert main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "no config file" in capsys.readouterr().err
+    assert main(["train", f"data.name=cifar10:{tmp_path / 'missing'}", *SMALL,
+                 f"run_dir={tmp_path / 'r'}"]) == 2
+    assert "no CIFAR folder" in capsys.readouterr().err
+    assert main(["certify", str(tmp_path / "none")]) == 2
+    assert "no run folder or weights" in capsys.readouterr().err
+    np.savez(tmp_path / "d.npz", x=np.zeros((20, 8, 8, 1), np.uint8), y=np.arange(20) % 12)
+    assert main(["train", f"data.name={tmp_path / 'd.npz'}", "data.num_classes=10", *SMALL,
+                 f"run_dir={tmp_path / 'r2'}"]) == 2
+    assert "labels must lie in [0, 9]" in capsys.readouterr().err
+
+
+def test_print_config_and_models(capsys):
+    assert main(["train", "--config", str(REPO / "configs" / "cifar10_l32w1024.yaml"), "--print-config",
+                 "train.epochs=7"]) == 0
+    cfg = OmegaConf.create(capsys.readouterr().out)
+    assert cfg.train.epochs == 7 and cfg.model.name == "lipnext_l32w1024" and cfg.optim.grad_clip == 3.0
+    assert main(["models", "l32"]) == 0
+    assert "lipnext_l32w2048" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_every_config_loads(name):
+    cfg = load_config(REPO / "configs" / name)
+    assert cfg.train.epochs >= 1
+
+
+def test_paper_configs_follow_the_recipe():
+    for name, model, epochs, eps_end in [("cifar10_l32w1024", "lipnext_l32w1024", 800, 3.0),
+                                         ("cifar10_l32w2048", "lipnext_l32w2048", 800, 3.0),
+                                         ("cifar100_l32w2048", "lipnext_l32w2048", 800, 3.0),
+                                         ("tinyimagenet_l32w2048", "lipnext_l32w2048", 800, 3.0),
+                                         ("imagenet_1b", "lipnext_l32w4096", 400, 2.0),
+                                         ("imagenet_2b", "lipnext_2b", 400, 2.0)]:
+        c = load_config(REPO / "configs" / f"{name}.yaml")
+        assert (c.model.name, c.train.epochs, c.loss.eps_end) == (model, epochs, eps_end), name
+        assert (c.optim.lr, c.optim.weight_decay, c.optim.grad_clip, c.optim.warmup_epochs) == (1e-3, 0, 3, 20)
+        assert c.optim.nesterov and c.optim.lookahead_k > 0 and c.loss.name == "emma"
+        assert (c.loss.eps_255, c.loss.eps_start, c.loss.eps_ramp) == (36, 0.1, 0.5)
+
+
+def test_demo_recipe_is_configs_demo_yaml():
+    from_file = load_config(REPO / "configs" / "demo.yaml")
+    from_code = load_config(None, DEMO_RECIPE + ["model.name=lipnext_l8w128", "train.epochs=60",
+                                                 "run_dir=runs/demo"])
+    assert OmegaConf.to_container(from_file) == OmegaConf.to_container(from_code)

@@ -1,0 +1,208 @@
+"""The training engine: schedules, exact resume, atomic checkpoints, NaN handling, errors."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lipnext.config import load_config
+from lipnext.engine import TrainingDiverged, latest_checkpoint, list_checkpoints, load_checkpoint, \
+    lr_factor, read_metrics, train
+from lipnext.engine import checkpoint as ckpt_mod
+from lipnext.engine.batches import BatchPlan
+from lipnext.models import create_model
+from lipnext.optim import build_optimizer
+
+TINY = ["data.name=digits", "model.name=lipnext_l4w64",
+        "model.kwargs={depth: 2, width: 32, patch_size: 2}", "augment.crop_padding=1",
+        "train.batch_size=128", "train.epochs=2", "optim.warmup_epochs=0.5", "optim.lookahead_k=3",
+        "train.progress=false", "train.tensorboard=false", "train.log_every=1", "train.eval_every=1",
+        "train.eval_max=64", "certify.radii=[36, 72]"]
+
+
+def cfg(tmp_path, *extra, name="run"):
+    return load_config(None, TINY + [f"run_dir={tmp_path / name}", *extra])
+
+
+def losses(run):
+    return [r["loss"] for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]
+
+
+def weights(path):
+    return load_file(str(path / "model.safetensors"))
+
+
+# ---------------------------------------------------------------- schedules and batches
+def test_lr_factor_warmup_then_cosine():
+    assert lr_factor(0, 100, 10) == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10) == pytest.approx(1.0)
+    assert lr_factor(10, 100, 10) == pytest.approx(1.0)
+    assert lr_factor(55, 100, 10) == pytest.approx(0.5)
+    assert lr_factor(100, 100, 10) == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(100, 100, 10, min_ratio=0.1) == pytest.approx(0.1)
+    assert lr_factor(0, 10, 0) == pytest.approx(1.0)
+
+
+def test_batch_plan_covers_epoch_and_shards():
+    plan = BatchPlan(n_real=100, batch_size=32, seed=1)
+    assert plan.steps_per_epoch == 3
+    seen = torch.cat([plan.global_indices(s)[0] for s in range(3)])
+    assert len(set(seen.tolist())) == 96                       # no repeats within an epoch
+    assert not torch.equal(plan.global_indices(0)[0], plan.global_indices(3)[0])   # new epoch order
+    assert torch.equal(plan.global_indices(4)[0], BatchPlan(100, 32, 1).global_indices(4)[0])
+    mixed = BatchPlan(100, 32, 1, n_generated=50, generated_fraction=0.25, world_size=2, rank=1)
+    real, gen = mixed.global_indices(0)
+    assert (len(real), len(gen)) == (24, 8) and gen.max() < 50 and mixed.steps_per_epoch == 4
+    assert mixed.local_rows() == slice(16, 32)
+    with pytest.raises(ValueError, match="divisible"):
+        BatchPlan(100, 31, 0, world_size=2)
+
+
+# ---------------------------------------------------------------- a run end to end
+def test_train_writes_run_folder_and_results(tmp_path):
+    res = train(cfg(tmp_path))
+    run = tmp_path / "run"
+    for f in ("model.safetensors", "config.yaml", "metrics.jsonl", "results.json",
+              "certified_accuracy.png"):
+        assert (run / f).is_file(), f
+    saved = json.loads((run / "results.json").read_text())
+    assert saved["split"] == "test" and saved["n"] == 360 and set(saved["cra"]) == {"36/255", "72/255"}
+    assert saved == json.loads(json.dumps(res))
+    assert 0 <= saved["cra"]["72/255"] <= saved["cra"]["36/255"] <= saved["clean_accuracy"] <= 1
+    recs = read_metrics(run / "metrics.jsonl")
+    steps = [r["step"] for r in recs if r["kind"] == "train"]
+    assert steps == list(range(1, 21))                          # 1293 // 128 = 10 steps x 2 epochs
+    assert sum(r["kind"] == "eval" for r in recs) == 2
+    assert all(math.isfinite(l) for l in losses(run))
+    tr = [r for r in recs if r["kind"] == "train"]
+    assert tr[0]["eps"] == pytest.approx(0.1 * 36 / 255) and tr[-1]["eps"] == pytest.approx(3 * 36 / 255)
+    assert tr[-1]["lr"] < tr[5]["lr"]
+    assert [p.name for p in list_checkpoints(run)] == ["step_00000010", "step_00000020"]
+    # the final model is retracted: orthogonal to float32 precision, bound ~ 1
+    from lipnext.io import load_model
+    from lipnext.nn import orthogonality_error
+    model = load_model(run)
+    assert max(orthogonality_error(b.R) for b in model.blocks) < 1e-5
+    assert saved["lipschitz_bound"] == pytest.approx(model.lipschitz_bound())
+    assert model.validate_inputs is True
+
+
+def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path):
+    train(cfg(tmp_path, name="full"))
+    # interrupted at step 13 (mid-epoch, between two Lookahead syncs), then resumed
+    out = train(cfg(tmp_path, "train.stop_at_step=13", name="cut"))
+    assert out == {"interrupted": True, "step": 13}
+    assert latest_checkpoint(tmp_path / "cut").name == "step_00000013"
+    train(cfg(tmp_path, "resume=true", name="cut"))
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ra = json.loads((tmp_path / "full" / "results.json").read_text())
+    rb = json.loads((tmp_path / "cut" / "results.json").read_text())
+    assert (ra["clean_accuracy"], ra["cra"]) == (rb["clean_accuracy"], rb["cra"])
+
+
+def test_crash_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
+    real_save = ckpt_mod.save_file
+    calls = {"n": 0}
+
+    def crashing_save(tensors, path, metadata=None):
+        calls["n"] += 1
+        if calls["n"] == 2:                          # the second checkpoint dies mid-write
+            with open(path, "wb") as fh:
+                fh.write(b"\x00" * 100)
+            raise KeyboardInterrupt("simulated crash")
+        return real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(ckpt_mod, "save_file", crashing_save)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg(tmp_path))
+    run = tmp_path / "run"
+    assert [p.name for p in list_checkpoints(run)] == ["step_00000010"]
+    assert any(p.name.startswith(".tmp-") for p in (run / "checkpoints").iterdir())
+    model = create_model("lipnext_l4w64", num_classes=10, in_chans=1, image_size=8, depth=2, width=32,
+                         patch_size=2, mean=[0.3049], seed=0)
+    state = load_checkpoint(latest_checkpoint(run), model, build_optimizer(model))
+    assert state["step"] == 10
+    monkeypatch.setattr(ckpt_mod, "save_file", real_save)
+    train(cfg(tmp_path, "resume=true"))                     # continues from step 10 and finishes
+    assert not any(p.name.startswith(".tmp-") for p in (run / "checkpoints").iterdir())
+    assert (run / "results.json").is_file()
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    train(cfg(tmp_path, "train.stop_at_step=3"))
+    other = create_model("lipnext_l4w64", num_classes=10, in_chans=1, image_size=8, depth=2, width=16,
+                         patch_size=2, mean=[0.3049], seed=0)
+    with pytest.raises(ValueError, match=r"different model.*width"):
+        load_checkpoint(latest_checkpoint(tmp_path / "run"), other)
+    with pytest.raises(ValueError, match="different model"):
+        train(cfg(tmp_path, "resume=true", "model.kwargs.width=16"))
+    with pytest.raises(ValueError, match="already has checkpoints"):
+        train(cfg(tmp_path))
+    with pytest.raises(ValueError, match="steps"):
+        train(cfg(tmp_path, "resume=true", "train.epochs=3"))
+
+
+def test_keep_last_n(tmp_path):
+    train(cfg(tmp_path, "train.checkpoint_every_steps=3", "train.keep_last=2", "train.eval_every=0"))
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_00000018", "step_00000020"]
+
+
+# ---------------------------------------------------------------- non-finite loss
+def nan_at(step):
+    fired = {"done": False}
+
+    def hook(s, loss):
+        if s == step and not fired["done"]:
+            fired["done"] = True
+            return loss * float("nan")
+        return loss
+    return hook
+
+
+def test_nan_stops_with_a_clear_message(tmp_path):
+    with pytest.raises(TrainingDiverged, match=r"non-finite loss or gradient at step 5 .*on_nan=rollback"):
+        train(cfg(tmp_path, "train.eval_every=0"), loss_hook=nan_at(5))
+
+
+def test_nan_rolls_back_with_half_lr(tmp_path):
+    res = train(cfg(tmp_path, "train.on_nan=rollback", "train.eval_every=0"), loss_hook=nan_at(12))
+    recs = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    rb = [r for r in recs if r["kind"] == "rollback"]
+    assert len(rb) == 1 and rb[0]["at_step"] == 12 and rb[0]["step"] == 10 and rb[0]["lr_scale"] == 0.5
+    tr = [r for r in recs if r["kind"] == "train"]
+    assert [r["step"] for r in tr] == list(range(1, 21))        # steps 11-12 replayed, not duplicated
+    ref = lr_factor(10, 20, 5) * 1e-3
+    assert tr[10]["lr"] == pytest.approx(0.5 * ref)
+    assert math.isfinite(res["clean_accuracy"])
+    with pytest.raises(TrainingDiverged, match="after 0 rollbacks"):
+        train(cfg(tmp_path, "train.on_nan=rollback", "train.max_rollbacks=0", "train.eval_every=0",
+                  name="r2"), loss_hook=nan_at(3))
+
+
+# ---------------------------------------------------------------- configuration errors
+def test_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="Key 'epoch' not in"):
+        load_config(None, ["train.epoch=3"])
+    with pytest.raises(ValueError, match="could not be converted"):
+        load_config(None, ["train.epochs=three"])
+    with pytest.raises(ValueError, match="loss.name='hinge'"):
+        load_config(None, ["loss.name=hinge"])
+    with pytest.raises(ValueError, match="key=value"):
+        load_config(None, ["train.epochs"])
+    with pytest.raises(FileNotFoundError, match="no config file"):
+        load_config(tmp_path / "none.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  nam: x\n")
+    with pytest.raises(ValueError, match="Key 'nam' not in 'ModelConfig'"):
+        load_config(bad)
+    with pytest.raises(FileNotFoundError, match="no CIFAR folder"):
+        train(cfg(tmp_path, f"data.name=cifar10:{tmp_path / 'nope'}"))
+    with pytest.raises(KeyError, match="unknown model"):
+        train(cfg(tmp_path, "model.name=lipnext_nope"))
+    with pytest.raises(ValueError, match="fsdp is not supported"):
+        train(cfg(tmp_path, "dist.strategy=fsdp"))
