@@ -29,7 +29,7 @@ def commands(out: str, quick: bool, race: bool) -> list[list[str]]:
     if not quick:
         cmds.append(["bench", "--orthogonal", "--sizes", "4096", "--steps", "1", "--warmup", "0",
                      "--methods", "lipnext_manifold_adam,fast_exp,matrix_exp,cayley,"
-                     "geoopt_radam_stiefel,torch_orthogonal_cayley", "--out", f"{out}/orthogonal4096"])
+                     "geoopt_radam_stiefel,torch_orthogonal_cayley,torchlip_spectral_linear", "--out", f"{out}/orthogonal4096"])
     if race:
         cmds.append(["bench", "--race", "--data", "npz:../shared/data/cifar10-subset.npz",
                      "--holdout", "1000", "--budget-minutes", "0.5" if quick else "10",

@@ -66,6 +66,20 @@ def test_adjoint_and_power_iteration_is_a_lower_estimate():
     assert sigma.item() == pytest.approx(bound, rel=1e-3)
 
 
+def test_power_iteration_recovers_from_a_translation_invariant_iterate():
+    """A spatially constant u only sees frequency 0 and stays there exactly; the restart
+    noise used in training must let the estimate reach the true norm."""
+    w = torch.zeros(4, 4, 3, 3)
+    w[:, :, 1, 2] = 2.0 * torch.eye(4)           # I + 2 shift: norm 3 at f = 0, smaller elsewhere
+    w[:, :, 1, 1] = -2.0 * torch.eye(4)          # (I - 2 I + 2 shift): |1 - 2 + 2 e^{i f}| <= 3, = 1 at f = 0
+    true = residual_conv_norm_bound(w, (4, 4))
+    u = torch.ones(1, 4, 4, 4) / 8.0
+    stuck, _ = power_iteration_residual_conv(w, u, 200)
+    assert stuck.item() < 0.5 * true             # the plain iteration never leaves frequency 0
+    sigma, u = power_iteration_residual_conv(w, u, 50, restart_noise=1e-2)
+    assert sigma.item() == pytest.approx(true, rel=1e-3) and sigma.item() <= true * (1 + 1e-6)
+
+
 @pytest.mark.parametrize("shape", [(5, 9), (9, 5), (7, 7)])
 def test_cholesky_orthogonal_rows_or_columns(shape):
     w = cholesky_orthogonal(torch.randn(*shape, dtype=torch.float64))

@@ -31,6 +31,14 @@ def test_emma_value_rho_clipped_at_one():
     assert margin_loss(Z, Y, W, 1.0, 0.5).item() == pytest.approx(expect, rel=1e-6)
 
 
+def test_temperature_scales_the_cross_entropy_logits():
+    # rho is unchanged by T (a ratio of gaps); the loss is CE of T * shifted
+    t = 3.0
+    expect = math.log(1 + math.exp(t * (-1 + 0.5 * math.sqrt(2))) + math.exp(-t))
+    assert emma_loss(Z, Y, W, 1.0, 0.5, temperature=t).item() == pytest.approx(expect, rel=1e-6)
+    assert margin_loss(Z, Y, W, 1.0, 0.5, temperature=t).item() == pytest.approx(expect, rel=1e-6)
+
+
 def test_emma_value_rho_inside_and_at_lower_clip():
     # eps = 2: eps K = (0, 2.83, 4); rho = (1/2.83, 2/4) -> the shift cancels the gap: log 3
     assert emma_loss(Z, Y, W, 1.0, 2.0).item() == pytest.approx(math.log(3), rel=1e-6)

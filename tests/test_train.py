@@ -194,6 +194,8 @@ def test_config_errors(tmp_path):
         load_config(None, ["loss.name=hinge"])
     with pytest.raises(ValueError, match="key=value"):
         load_config(None, ["train.epochs"])
+    with pytest.raises(ValueError, match="bad override"):
+        load_config(None, ["train.epochs=["])               # a YAML syntax error
     with pytest.raises(FileNotFoundError, match="no config file"):
         load_config(tmp_path / "none.yaml")
     bad = tmp_path / "bad.yaml"
@@ -206,3 +208,18 @@ def test_config_errors(tmp_path):
         train(cfg(tmp_path, "model.name=lipnext_nope"))
     with pytest.raises(ValueError, match="fsdp is not supported"):
         train(cfg(tmp_path, "dist.strategy=fsdp"))
+
+
+def test_incomplete_checkpoint_folders_are_ignored(tmp_path):
+    train(cfg(tmp_path, "train.stop_at_step=4", "train.eval_every=0"))
+    run = tmp_path / "run"
+    partial = run / "checkpoints" / "step_00000007"        # e.g. a kill in the middle of a deletion
+    partial.mkdir()
+    (partial / "state.json").write_text("{}")
+    assert latest_checkpoint(run).name == "step_00000004"
+    train(cfg(tmp_path, "resume=true", "train.eval_every=0", "train.checkpoint_every_steps=7",
+              "train.keep_last=10"))
+    names = [p.name for p in list_checkpoints(run)]
+    assert names == ["step_00000004", "step_00000007", "step_00000010", "step_00000014", "step_00000020"]
+    assert json.loads((partial / "state.json").read_text())["step"] == 7   # rewritten whole
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith((".del-", ".tmp-"))]

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -67,6 +68,7 @@ class LossConfig:
     eps_end: float = 3.0                 # ... to eps_end x the target
     eps_ramp: float = 0.5                # over this share of training
     lipschitz_every: int = 1             # measure model.lipschitz_bound() every N steps
+    temperature: float = 1.0             # cross-entropy on T x logits (see lipnext.losses)
 
 
 @dataclass
@@ -145,6 +147,8 @@ def _check(cfg: Config) -> Config:
         raise ValueError("train.on_nan=rollback needs checkpoints (train.checkpoint=true)")
     if cfg.certify.radius_unit <= 0:
         raise ValueError("certify.radius_unit must be > 0")
+    if cfg.loss.temperature <= 0:
+        raise ValueError(f"loss.temperature must be > 0, got {cfg.loss.temperature}")
     if cfg.loss.lipschitz_every < 1 or cfg.train.log_every < 1:
         raise ValueError("loss.lipschitz_every and train.log_every must be >= 1")
     return cfg
@@ -178,8 +182,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if overrides:
         try:
             parts.append(OmegaConf.from_dotlist(list(overrides)))
-        except OmegaConfBaseException as e:
-            raise ValueError(f"bad override: {str(e).splitlines()[0]}") from None
+        except (OmegaConfBaseException, yaml.YAMLError) as e:
+            raise ValueError(f"bad override in {' '.join(overrides)}: {str(e).splitlines()[0]} "
+                             "(values are YAML: quote text with brackets or colons)") from None
     return _merge(*parts)
 
 

@@ -19,7 +19,7 @@ __all__ = ["DemoConfig", "DEMO_RECIPE", "demo_config", "run_demo", "print_result
 DEMO_RECIPE = [
     "data.name=digits", "data.holdout=360", "data.val_fraction=0.0",
     "augment.crop_padding=1", "augment.pad_mode=zeros", "augment.flip=false",
-    "model.kwargs={patch_size: 2}", "optim.lr=2e-3", "optim.warmup_epochs=3",
+    "model.kwargs={patch_size: 2}", "optim.lr=5e-3", "optim.warmup_epochs=3",
     "loss.name=emma", "loss.eps_255=63.75", "train.batch_size=64", "train.eval_every=0",
     "train.checkpoint=false", "train.log_every=10", "certify.radii=[0.25, 0.5, 0.75]",
     "certify.radius_unit=1",
@@ -47,6 +47,6 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
 
 
 def print_results(results: dict, out: str) -> None:
-    """The engine prints the table; point at what was written."""
-    print(f"run folder: {out} (model.safetensors, config.yaml, results.json, metrics.jsonl, "
-          "certified_accuracy.png)")
+    """The engine prints the table and the run folder; list what it holds."""
+    print(f"  {out} holds model.safetensors, config.yaml, results.json, metrics.jsonl, "
+          "certified_accuracy.png")

@@ -106,7 +106,7 @@ def measure_model(name: str, batch: int = 128, image_size: int = 32, num_classes
         torch.cuda.reset_peak_memory_stats(dev)
     model.train()
     step_times = time_calls(train_step, steps, warmup, dev)
-    opt_times = opt_times[warmup:]
+    opt_s = median(opt_times[warmup:])
     peak_mem = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda"
                 else peak_rss_bytes() - rss0)
     train_flops = _count_flops(train_step)
@@ -121,10 +121,11 @@ def measure_model(name: str, batch: int = 128, image_size: int = 32, num_classes
         "dtype": dtype, "batch": batch, "image_size": image_size, "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
-        "step_s": step_s, "optimizer_s": median(opt_times), "optimizer_share": median(opt_times) / step_s,
+        "step_s": step_s, "optimizer_s": opt_s, "optimizer_share": opt_s / step_s,
         "infer_s": median(infer_times), "throughput": batch / median(infer_times),
         "peak_mem_bytes": int(peak_mem),
-        "peak_mem_kind": "cuda.max_memory_allocated" if dev.type == "cuda" else "peak RSS - RSS before the model",
+        "peak_mem_kind": ("cuda.max_memory_allocated" if dev.type == "cuda"
+                          else "peak RSS - RSS before the model"),
         "train_flops": train_flops, "infer_flops": infer_flops, "achieved_flops": achieved,
         "peak_tflops": peak_tf, "mfu": achieved / (peak_tf * 1e12) if peak_tf else None,
         "step_runs": len(step_times), "lipschitz": model.lipschitz_bound(),

@@ -10,6 +10,8 @@ and a learning rate with linear warm-up then cosine decay. The schedules run on 
 fraction of the budget used, so each model sees a complete schedule. The Lipschitz bound
 used by EMMA is re-measured every ``bound_every`` steps (its cost counts in the budget);
 orthogonal weights are polar-retracted after every epoch and before certification.
+``cpu_s`` (process CPU time over the budget, all threads) shows how much of the machine a
+model actually got when the machine is shared.
 """
 from __future__ import annotations
 
@@ -79,7 +81,7 @@ def race_one(name: str, cfg: RaceConfig, out_dir: Path | None = None,
     bound_time = 0.0
     lip = model.lipschitz_bound()
     model.train()
-    start = time.perf_counter()
+    start, cpu0 = time.perf_counter(), time.process_time()
     elapsed = 0.0
     done = False
     while not done:
@@ -114,13 +116,14 @@ def race_one(name: str, cfg: RaceConfig, out_dir: Path | None = None,
         else:
             retract_model(model)
     train_s = time.perf_counter() - start
+    cpu_s = time.process_time() - cpu0
     retract_model(model)
     model.eval()
     t0 = time.perf_counter()
     cert = certify(model, xt, yt, rule="pairwise")
     cert_s = time.perf_counter() - t0
     result = {"model": name, "arch": model.arch, "params": params, "steps": steps,
-              "epochs": round(seen / n, 2), "train_s": round(train_s, 1),
+              "epochs": round(seen / n, 2), "train_s": round(train_s, 1), "cpu_s": round(cpu_s, 1),
               "bound_s": round(bound_time, 1), "step_s": round(train_s / max(steps, 1), 3),
               "clean": cert.accuracy, "cra": dict(zip([f"{e * 255:.0f}/255" for e in cfg.eps_list],
                                                       cert.cra(list(cfg.eps_list)))),
@@ -135,13 +138,14 @@ def race_one(name: str, cfg: RaceConfig, out_dir: Path | None = None,
 def race_table(results: list[dict[str, Any]], cfg: RaceConfig) -> str:
     """Markdown table of clean accuracy and CRA (%), steps and bound, per model."""
     eps_cols = [f"{e * 255:.0f}/255" for e in cfg.eps_list]
-    head = ("| model | params | steps | epochs | s/step | clean | "
+    head = ("| model | params | steps | epochs | s/step | CPU s | clean | "
             + " | ".join(f"CRA {c}" for c in eps_cols) + " | L (bound) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         cra = " | ".join(f"{100 * r['cra'][c]:.1f}" for c in eps_cols)
         lines.append(f"| {r['model']} | {r['params'] / 1e6:.2f}M | {r['steps']} | {r['epochs']} | "
-                     f"{r['step_s']:.2f} | {100 * r['clean']:.1f} | {cra} | {r['lipschitz']:.4f} |")
+                     f"{r['step_s']:.2f} | {r.get('cpu_s', '-')} | {100 * r['clean']:.1f} | {cra} | "
+                     f"{r['lipschitz']:.4f} |")
     return "\n".join(lines) + "\n"
 
 

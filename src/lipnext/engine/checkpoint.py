@@ -7,7 +7,10 @@
 
 No pickle anywhere. A checkpoint is written into a hidden temporary folder, each file
 fsync'ed, then renamed into place with ``os.replace`` (atomic): a crash mid-write leaves
-only a ``.tmp-*`` folder, which loading ignores. Only the last ``keep_last`` are kept.
+only a ``.tmp-*`` folder, which loading ignores. Only the last ``keep_last`` are kept; an
+old checkpoint is first renamed to a hidden ``.del-*`` folder, then deleted, so a crash
+mid-deletion never leaves a partial ``step_*`` folder (and folders missing a file are
+skipped anyway).
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ __all__ = ["save_checkpoint", "load_checkpoint", "list_checkpoints", "latest_che
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^step_(\d{8,})$")
+FILES = ("model.safetensors", "optimizer.safetensors", "state.json")
 
 
 def _fsync(path: Path) -> None:
@@ -83,7 +87,8 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     d = Path(run_dir) / CHECKPOINT_DIR
     if not d.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()
+             and all((p / f).is_file() for f in FILES)]
     return [p for _, p in sorted(found)]
 
 
@@ -110,14 +115,21 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module,
     for f in ("optimizer.safetensors", "state.json"):
         _fsync(tmp / f)
     if final.exists():          # the same step written again (e.g. after a rollback)
-        shutil.rmtree(final)
+        _remove(final)
     os.replace(tmp, final)
     _fsync(root)
     for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".tmp-*"):
+        _remove(old)
+    for stale in [*root.glob(".tmp-*"), *root.glob(".del-*")]:
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def _remove(path: Path) -> None:
+    """Rename out of sight (atomic), then delete: never a half-deleted step_* folder."""
+    hidden = path.with_name(f".del-{path.name}-{os.getpid()}")
+    os.replace(path, hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module,
@@ -127,7 +139,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module,
     Raises a clear error if the checkpoint holds another architecture or configuration.
     """
     path = Path(path)
-    for f in ("model.safetensors", "optimizer.safetensors", "state.json"):
+    for f in FILES:
         if not (path / f).is_file():
             raise FileNotFoundError(f"{path} is not a complete lipnext checkpoint ({f} missing)")
     meta = read_metadata(path / "model.safetensors")

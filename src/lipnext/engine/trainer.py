@@ -241,7 +241,8 @@ class Trainer:
         x, y = self._batch(step)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             logits = self.forward(x)
-        loss = self.loss_fn(logits.float(), y, self.model.head_weight(), self.lipschitz, eps)
+        loss = self.loss_fn(logits.float(), y, self.model.head_weight(), self.lipschitz, eps,
+                            cfg.loss.temperature)
         if self.loss_hook is not None:
             loss = self.loss_hook(step, loss)
         self.optimizer.zero_grad(set_to_none=True)
@@ -310,6 +311,7 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    desc=f"train {cfg.model.name}", mininterval=1.0, disable=not (t.progress and self.info.is_main))
         self.model.validate_inputs = False
+        finished = self.step >= self.total_steps      # resumed from the final checkpoint
         t0, window_t, window_n = time.perf_counter() - self.elapsed, time.perf_counter(), 0
         try:
             while self.step < self.total_steps:
@@ -356,9 +358,10 @@ class Trainer:
                         or (t.checkpoint_every_steps and self.step % t.checkpoint_every_steps == 0)):
                     self._save()
             bar.close()
-            self.optimizer.retract(t.retraction)
-            self.elapsed = time.perf_counter() - t0
-            self._save()
+            if not finished:                          # its weights are already final
+                self.optimizer.retract(t.retraction)
+                self.elapsed = time.perf_counter() - t0
+                self._save()
             return self._finish()
         finally:
             self.model.validate_inputs = True

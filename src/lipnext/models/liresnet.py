@@ -59,11 +59,13 @@ class LiResBlock(nn.Module):
         self.act = MinMax(dim=1)
 
     def normaliser(self) -> torch.Tensor:
-        """s: in training ``power_iters`` power-iteration steps from the stored vector
-        (differentiable in W), which update the stored estimate; in evaluation the stored s."""
+        """s: in training ``power_iters`` power-iteration steps from the stored vector plus
+        1 % random noise (differentiable in W), which update the stored estimate; in
+        evaluation the stored s."""
         if not self.training:
             return self.sigma
-        sigma, u = power_iteration_residual_conv(self.weight, self.u, self.power_iters)
+        sigma, u = power_iteration_residual_conv(self.weight, self.u, self.power_iters,
+                                                 restart_noise=1e-2)
         with torch.no_grad():
             self.u.copy_(u)
             self.sigma.copy_(sigma.detach())
@@ -119,7 +121,8 @@ class LiResNet(CertifiableModel):
             if seed is not None:
                 torch.manual_seed(seed)
             self.stem = CholeskyLinear(in_chans * patch_size ** 2, width)
-            self.blocks = nn.ModuleList(LiResBlock(width, grid, kernel_size, power_iters) for _ in range(depth))
+            self.blocks = nn.ModuleList(LiResBlock(width, grid, kernel_size, power_iters)
+                                        for _ in range(depth))
             self.pool = L2Pool()
             self.dense = nn.ModuleList(CholeskyLinear(width, width) for _ in range(dense_depth))
             self.act = MinMax(dim=-1)

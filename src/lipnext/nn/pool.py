@@ -17,4 +17,5 @@ class L2Pool(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # sqrt(||x||^2 + d) keeps a finite gradient at 0 and stays 1-Lipschitz:
         # its gradient x / sqrt(||x||^2 + d) has norm < 1.
-        return torch.sqrt(x.float().square().sum(dim=(-3, -2)) + 1e-12).to(x.dtype)
+        x2 = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16 pools in fp32, fp64 stays fp64
+        return torch.sqrt(x2.square().sum(dim=(-3, -2)) + 1e-12).to(x.dtype)

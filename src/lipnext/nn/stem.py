@@ -45,14 +45,14 @@ class OrthogonalPatchStem(nn.Module):
         return 1.0 if self.inv_std is None else float(self.inv_std.max())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x - self.mean
+        x = x - self.mean.to(x.dtype)
         if self.inv_std is not None:
-            x = x * self.inv_std
+            x = x * self.inv_std.to(x.dtype)
         b, c, hh, ww = x.shape
         p = self.patch_size
         x = x.reshape(b, c, hh // p, p, ww // p, p).permute(0, 2, 4, 1, 3, 5)
         x = x.reshape(b, hh // p, ww // p, self.patch_dim)
-        return x @ self.matrix().mT
+        return x @ self.matrix().to(x.dtype).mT
 
 
 class PositionalEncoding(nn.Module):
