@@ -80,7 +80,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> CertifiableModel:
-    """Rebuild a model saved by :func:`save_model` (a file or a run folder)."""
+    """Rebuild a model saved by :func:`save_model` (a file or a run folder), in eval mode."""
     target = _weights_path(path)
     meta = read_metadata(target)
     try:
@@ -113,4 +113,4 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> C
     if missing or unexpected:
         raise ValueError(f"{target} does not match the {meta['arch']} architecture of its config: "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return model.to(device)
+    return model.to(device).eval()
