@@ -4,11 +4,9 @@ ValueError / TypeError / KeyError / FileNotFoundError -- never anything else.
 The number of cases run is counted and printed by the last test (run with -s to see it)."""
 import collections
 import json
-import os
 import tempfile
 from pathlib import Path
 
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -30,12 +28,6 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.uint8, torch.int64
 SPECIAL = [None, float("nan"), float("inf"), -float("inf")]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @st.composite

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,12 +26,6 @@ SMALL = ["train.epochs=3", "train.batch_size=128", "train.eval_every=0", "train.
          "optim.warmup_epochs=0", "optim.lr=1e-2", "augment.flip=false", "augment.crop_padding=0"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def small_cfg(run, *extra):

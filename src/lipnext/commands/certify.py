@@ -3,7 +3,8 @@ certified accuracy of a saved model on a dataset split, as a table (and JSON / a
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from ._target import load_target
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -30,38 +31,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import get_dataset
     from ..engine.evaluate import certify_dataset
     from ..engine.trainer import radius_label
-    from ..io import load_model
     from ..report import format_table, plot_certified_accuracy, results_dict, write_json
 
-    target = Path(args.model)
-    if not target.exists():
-        raise FileNotFoundError(f"no run folder or weights at {target}")
-    data, opts, radii, unit = args.data, {}, [36.0, 72.0, 108.0, 255.0], 255.0
-    run_cfg = target / "config.yaml" if target.is_dir() else None
-    if run_cfg is not None and run_cfg.is_file():
-        import yaml
-        saved = yaml.safe_load(run_cfg.read_text()) or {}
-        cert_cfg = saved.get("certify") or {}
-        radii, unit = cert_cfg.get("radii", radii), cert_cfg.get("radius_unit", unit)
-        if data is None:
-            d = saved.get("data") or {}
-            data = d.get("name")
-            opts = {k: d[k] for k in ("holdout", "val_fraction", "num_classes") if d.get(k) is not None}
-    radii = args.radii or radii
-    unit = args.radius_unit or unit
-    if data is None:
-        raise ValueError("say which data to certify on: --data SPEC (e.g. --data digits)")
-    if args.holdout is not None:
-        opts["holdout"] = args.holdout
-    if args.val_fraction is not None:
-        opts["val_fraction"] = args.val_fraction
-    model = load_model(target, args.device)
-    ds = get_dataset(data, args.split, **opts)
-    if ds.num_classes != model.num_classes:
-        raise ValueError(f"the model has {model.num_classes} classes, the data {ds.num_classes}")
+    t = load_target(args, "certify")
+    target, model, ds, data, radii, unit = t.path, t.model, t.dataset, t.data, t.radii, t.unit
     cert = certify_dataset(model, ds, args.rule, args.batch_size, args.limit)
     res = results_dict(cert, [r / unit for r in radii], labels=[radius_label(r, unit) for r in radii],
                        dataset=data, split=args.split, model_path=str(target))

@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ._target import load_target
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("verify", help="verify a saved model's certificates (attacks, bounds, precision)",
@@ -60,9 +62,7 @@ def _positive(name: str, value, allow_zero: bool = False) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..config import config_from_dict
-    from ..data import get_dataset
-    from ..io import atomic_write, load_model
+    from ..io import atomic_write
     from ..verify import Budget, verify_model
 
     for name in ("steps", "restarts", "ddn_steps", "era_restarts", "lipschitz_steps",
@@ -70,41 +70,13 @@ def run(args: argparse.Namespace) -> int:
         _positive("--" + name.replace("_", "-"), getattr(args, name))
     _positive("--attack-points", args.attack_points, allow_zero=True)
     _positive("--ortho-tol", args.ortho_tol)
-    target = Path(args.model)
-    if not target.exists():
-        raise FileNotFoundError(f"no run folder or weights at {target}")
-    data, opts, radii, unit = args.data, {}, args.radii, args.radius_unit
-    run_cfg = target / "config.yaml" if target.is_dir() else None
-    if run_cfg is not None and run_cfg.is_file() and (data is None or radii is None):
-        import yaml
-        try:
-            cfg = config_from_dict(yaml.safe_load(run_cfg.read_text()))
-        except (ValueError, yaml.YAMLError) as e:
-            raise ValueError(f"{run_cfg} is not a readable training config "
-                             f"({str(e).splitlines()[0]}); give --data SPEC and --radii") from None
-        if data is None:
-            data = cfg.data.name
-            opts = {k: v for k, v in {"holdout": cfg.data.holdout, "val_fraction": cfg.data.val_fraction,
-                                      "num_classes": cfg.data.num_classes}.items() if v is not None}
-        if radii is None:
-            radii = [float(r) for r in cfg.certify.radii]
-            unit = unit or float(cfg.certify.radius_unit)
-    if data is None:
-        raise ValueError("say which data to verify on: --data SPEC (e.g. --data digits)")
-    if args.holdout is not None:
-        opts["holdout"] = args.holdout
-    if args.val_fraction is not None:
-        opts["val_fraction"] = args.val_fraction
-    model = load_model(target, args.device)
-    ds = get_dataset(data, args.split, **opts)
+    t = load_target(args, "verify")
+    target, model, ds, data, radii, unit = t.path, t.model, t.dataset, t.data, t.radii, t.unit
     x, y = ds.tensors()
     if args.limit:
         x, y = x[:args.limit], y[:args.limit]
     if len(y) == 0:
         raise ValueError(f"the {args.split} split of {data} is empty; choose another split or --holdout")
-    if ds.num_classes != model.num_classes:
-        raise ValueError(f"the model has {model.num_classes} classes, the data {ds.num_classes}")
-    radii, unit = radii or [36.0, 72.0, 108.0], unit or 255.0
     _positive("--radii", min(radii), allow_zero=True)
     _positive("--radius-unit", unit)
     budget = Budget(pgd_steps=args.steps, pgd_restarts=args.restarts, ddn_steps=args.ddn_steps,

@@ -7,12 +7,34 @@ nothing else, so any architecture with this interface can be certified and verif
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["CertifiableModel", "check_images"]
+__all__ = ["CertifiableModel", "check_images", "resolve_geometry", "resolve_mean"]
+
+
+def resolve_geometry(image_size: int | Sequence[int], patch_size: int | None,
+                     default_patch: Callable[[int], int]) -> tuple[tuple[int, int], int]:
+    """(H, W) and the patch size, checked: the patch must divide both sides."""
+    hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if len(hw) != 2 or min(hw) < 1:
+        raise ValueError(f"image_size must be an int or (H, W), got {image_size}")
+    patch_size = patch_size or default_patch(min(hw))
+    if hw[0] % patch_size or hw[1] % patch_size:
+        raise ValueError(f"patch_size {patch_size} does not divide the image size {hw}")
+    return hw, patch_size
+
+
+def resolve_mean(mean: Sequence[float] | None, in_chans: int) -> list[float]:
+    """The per-channel mean subtracted inside the model (0.5 per channel by default)."""
+    mean = [float(m) for m in mean] if mean is not None else [0.5] * in_chans
+    if len(mean) != in_chans:
+        raise ValueError(f"mean has {len(mean)} entries but the input has {in_chans} channels")
+    return mean
 
 
 def check_images(x: torch.Tensor, in_chans: int, image_size: tuple[int, int]) -> None:
@@ -52,19 +74,25 @@ class CertifiableModel(nn.Module):
         raise NotImplementedError
 
     def forward_head(self, f: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Logits from features; float64 features give float64 logits (for certify)."""
+        return self.head(f)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
-    def lipschitz_bound(self) -> float:
-        """Sound upper bound on the L2 Lipschitz constant of forward_features."""
+    def lipschitz_factors(self) -> dict[str, float]:
+        """Sound upper bounds of the trunk's successive parts, measured from the weights."""
         raise NotImplementedError
 
+    def lipschitz_bound(self) -> float:
+        """Sound upper bound on the L2 Lipschitz constant of forward_features: the product
+        of ``lipschitz_factors()``."""
+        return math.prod(self.lipschitz_factors().values())
+
     def head_weight(self) -> torch.Tensor:
-        """The effective (K, C) weight W of the linear head z = W f + b."""
-        raise NotImplementedError
+        """The effective (K, C) weight W of the linear head z = W f + b (normalised rows)."""
+        return self.head.normalized_weight()
 
     def config(self) -> dict[str, Any]:
         """Constructor keyword arguments (JSON-serialisable) that rebuild this model."""
-        raise NotImplementedError
+        return dict(self._config)

@@ -18,15 +18,15 @@ forward pass actually computes (float32), in float64 with a rounding slack:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import nn
 
 from ..nn import L2Pool, NormalizedLinear
 from ..nn.bro import BROConv2d, BROLinear
-from ..nn.minmax import MinMax, patchify
-from .base import CertifiableModel, check_images
+from ..nn.minmax import MinMax
+from .base import resolve_geometry, resolve_mean
+from .conv_trunk import ConvTrunkModel
 from .lipnext import default_patch_size
 
 __all__ = ["BRONet", "BROBlock"]
@@ -46,7 +46,7 @@ class BROBlock(nn.Module):
         return self.act(self.conv(x) + self.bias.to(x.dtype))
 
 
-class BRONet(CertifiableModel):
+class BRONet(ConvTrunkModel):
     """BRONet-style classifier on raw pixels in [0, 1] of shape (B, in_chans, H, W)."""
 
     arch = "bronet"
@@ -56,18 +56,11 @@ class BRONet(CertifiableModel):
                  kernel_size: int = 3, rank: int | None = None, dense_depth: int = 2,
                  mean: Sequence[float] | None = None, seed: int | None = None):
         super().__init__()
-        hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        if len(hw) != 2 or min(hw) < 1:
-            raise ValueError(f"image_size must be an int or (H, W), got {image_size}")
-        patch_size = patch_size or default_patch_size(min(hw))
-        if hw[0] % patch_size or hw[1] % patch_size:
-            raise ValueError(f"patch_size {patch_size} does not divide the image size {hw}")
+        hw, patch_size = resolve_geometry(image_size, patch_size, default_patch_size)
         if depth < 0 or dense_depth < 0 or width < 2 or width % 2 or num_classes < 2:
             raise ValueError(f"need depth >= 0, dense_depth >= 0, an even width >= 2 and "
                              f"num_classes >= 2; got {depth}, {dense_depth}, {width}, {num_classes}")
-        mean = [float(m) for m in mean] if mean is not None else [0.5] * in_chans
-        if len(mean) != in_chans:
-            raise ValueError(f"mean has {len(mean)} entries but the input has {in_chans} channels")
+        mean = resolve_mean(mean, in_chans)
         rank = rank or width // 2
         self._config = dict(depth=depth, width=width, num_classes=num_classes, in_chans=in_chans,
                             image_size=list(hw), patch_size=patch_size, kernel_size=kernel_size,
@@ -87,21 +80,6 @@ class BRONet(CertifiableModel):
             self.head = NormalizedLinear(width, num_classes)
         self.validate_inputs = True
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Trunk features (B, width)."""
-        if self.validate_inputs:
-            check_images(x, self.in_chans, self.image_size)
-        x = self.stem(patchify(x - self.mean.to(x.dtype), self.patch_size)).permute(0, 3, 1, 2)
-        for block in self.blocks:
-            x = block(x)
-        f = self.pool(x.permute(0, 2, 3, 1))
-        for layer in self.dense:
-            f = self.act(layer(f))
-        return f
-
-    def forward_head(self, f: torch.Tensor) -> torch.Tensor:
-        return self.head(f)
-
     @torch.no_grad()
     def lipschitz_factors(self) -> dict[str, float]:
         """Sound bounds of the stem, the product over blocks and the product over dense layers."""
@@ -112,12 +90,3 @@ class BRONet(CertifiableModel):
             dense *= layer.norm_bound()
         return {"stem": self.stem.norm_bound(), "blocks": blocks, "dense": dense}
 
-    def lipschitz_bound(self) -> float:
-        f = self.lipschitz_factors()
-        return f["stem"] * f["blocks"] * f["dense"]
-
-    def head_weight(self) -> torch.Tensor:
-        return self.head.normalized_weight()
-
-    def config(self) -> dict[str, Any]:
-        return dict(self._config)

@@ -13,7 +13,6 @@ L = s_in * ||W_stem|| * prod_blocks ||R||^2 ||M|| (measured, DESIGN §2).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import nn
@@ -21,7 +20,7 @@ from torch import nn
 from ..bounds import spectral_norm_bound
 from ..nn import BetaAbs, L2Pool, NormalizedLinear, OrthogonalParameter, OrthogonalPatchStem, \
     PositionalEncoding, SpatialShift, random_orthogonal
-from .base import CertifiableModel, check_images
+from .base import CertifiableModel, check_images, resolve_geometry, resolve_mean
 
 __all__ = ["LipNeXt", "LipNeXtBlock", "default_patch_size"]
 
@@ -63,19 +62,14 @@ class LipNeXt(CertifiableModel):
                  alpha: float = 1 / 8, beta: float = 0.5, mean: Sequence[float] | None = None,
                  std: Sequence[float] | None = None, seed: int | None = None):
         super().__init__()
-        hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        if len(hw) != 2 or min(hw) < 1:
-            raise ValueError(f"image_size must be an int or (H, W), got {image_size}")
-        patch_size = patch_size or default_patch_size(min(hw))
-        if hw[0] % patch_size or hw[1] % patch_size:
-            raise ValueError(f"patch_size {patch_size} does not divide the image size {hw}")
+        hw, patch_size = resolve_geometry(image_size, patch_size, default_patch_size)
         if depth < 1 or width < 1 or num_classes < 2:
             raise ValueError(f"need depth >= 1, width >= 1, num_classes >= 2; "
                              f"got {depth}, {width}, {num_classes}")
-        mean = list(mean) if mean is not None else [0.5] * in_chans
+        mean = resolve_mean(mean, in_chans)
         self._config = dict(depth=depth, width=width, num_classes=num_classes, in_chans=in_chans,
                             image_size=list(hw), patch_size=patch_size, alpha=alpha, beta=beta,
-                            mean=[float(m) for m in mean],
+                            mean=mean,
                             std=None if std is None else [float(s) for s in std], seed=seed)
         self.depth, self.width, self.num_classes, self.in_chans = depth, width, num_classes, in_chans
         self.image_size, self.patch_size = hw, patch_size
@@ -98,9 +92,6 @@ class LipNeXt(CertifiableModel):
             x = block(x)
         return self.pool(x)
 
-    def forward_head(self, f: torch.Tensor) -> torch.Tensor:
-        return self.head(f)
-
     def orthogonal_stacks(self) -> dict[str, torch.Tensor]:
         """All R and all M matrices stacked, (depth, C, C) each."""
         return {"R": torch.stack([b.R.detach() for b in self.blocks]),
@@ -115,12 +106,3 @@ class LipNeXt(CertifiableModel):
                 "stem": float(spectral_norm_bound(self.stem.matrix())),
                 "blocks": float(torch.prod(r * r * m))}
 
-    def lipschitz_bound(self) -> float:
-        f = self.lipschitz_factors()
-        return f["input"] * f["stem"] * f["blocks"]
-
-    def head_weight(self) -> torch.Tensor:
-        return self.head.normalized_weight()
-
-    def config(self) -> dict[str, Any]:
-        return dict(self._config)

@@ -25,7 +25,6 @@ MinMax, pooling and the translations (mean, biases) are 1-Lipschitz.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import nn
@@ -34,8 +33,9 @@ from ..nn import L2Pool, NormalizedLinear
 from ..nn.cholesky import CholeskyLinear
 from ..nn.conv_bounds import circular_conv2d, power_iteration_residual_conv, \
     residual_conv_norm_bound
-from ..nn.minmax import MinMax, patchify
-from .base import CertifiableModel, check_images
+from ..nn.minmax import MinMax
+from .base import resolve_geometry, resolve_mean
+from .conv_trunk import ConvTrunkModel
 from .lipnext import default_patch_size
 
 __all__ = ["LiResNet", "LiResBlock"]
@@ -85,7 +85,7 @@ class LiResBlock(nn.Module):
         return f"width={self.width}, grid={self.grid}, kernel_size={self.kernel_size}"
 
 
-class LiResNet(CertifiableModel):
+class LiResNet(ConvTrunkModel):
     """LiResNet-style classifier on raw pixels in [0, 1] of shape (B, in_chans, H, W)."""
 
     arch = "liresnet"
@@ -95,21 +95,14 @@ class LiResNet(CertifiableModel):
                  kernel_size: int = 3, dense_depth: int = 2, power_iters: int = 10,
                  mean: Sequence[float] | None = None, seed: int | None = None):
         super().__init__()
-        hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        if len(hw) != 2 or min(hw) < 1:
-            raise ValueError(f"image_size must be an int or (H, W), got {image_size}")
-        patch_size = patch_size or default_patch_size(min(hw))
-        if hw[0] % patch_size or hw[1] % patch_size:
-            raise ValueError(f"patch_size {patch_size} does not divide the image size {hw}")
+        hw, patch_size = resolve_geometry(image_size, patch_size, default_patch_size)
         if depth < 0 or dense_depth < 0 or width < 2 or width % 2 or num_classes < 2:
             raise ValueError(f"need depth >= 0, dense_depth >= 0, an even width >= 2 and "
                              f"num_classes >= 2; got {depth}, {dense_depth}, {width}, {num_classes}")
         if kernel_size % 2 == 0 or power_iters < 1:
             raise ValueError(f"need an odd kernel_size and power_iters >= 1, got {kernel_size}, "
                              f"{power_iters}")
-        mean = [float(m) for m in mean] if mean is not None else [0.5] * in_chans
-        if len(mean) != in_chans:
-            raise ValueError(f"mean has {len(mean)} entries but the input has {in_chans} channels")
+        mean = resolve_mean(mean, in_chans)
         self._config = dict(depth=depth, width=width, num_classes=num_classes, in_chans=in_chans,
                             image_size=list(hw), patch_size=patch_size, kernel_size=kernel_size,
                             dense_depth=dense_depth, power_iters=power_iters, mean=mean, seed=seed)
@@ -129,21 +122,6 @@ class LiResNet(CertifiableModel):
             self.head = NormalizedLinear(width, num_classes)
         self.validate_inputs = True
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Trunk features (B, width)."""
-        if self.validate_inputs:
-            check_images(x, self.in_chans, self.image_size)
-        x = self.stem(patchify(x - self.mean.to(x.dtype), self.patch_size)).permute(0, 3, 1, 2)
-        for block in self.blocks:
-            x = block(x)
-        f = self.pool(x.permute(0, 2, 3, 1))
-        for layer in self.dense:
-            f = self.act(layer(f))
-        return f
-
-    def forward_head(self, f: torch.Tensor) -> torch.Tensor:
-        return self.head(f)
-
     @torch.no_grad()
     def lipschitz_factors(self) -> dict[str, float]:
         """Sound bounds of the stem, the product over blocks and the product over dense layers."""
@@ -158,12 +136,3 @@ class LiResNet(CertifiableModel):
         """The stored power-iteration estimates s of ||I + conv_W|| (lower estimates)."""
         return [float(b.sigma) for b in self.blocks]
 
-    def lipschitz_bound(self) -> float:
-        f = self.lipschitz_factors()
-        return f["stem"] * f["blocks"] * f["dense"]
-
-    def head_weight(self) -> torch.Tensor:
-        return self.head.normalized_weight()
-
-    def config(self) -> dict[str, Any]:
-        return dict(self._config)

@@ -1,0 +1,59 @@
+"""What `lipnext certify` and `lipnext verify` evaluate: a saved model, a dataset split
+and radii, taken from the command line or else from a run folder's config.yaml."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEFAULT_RADII, DEFAULT_UNIT = [36.0, 72.0, 108.0, 255.0], 255.0
+
+
+@dataclass
+class Target:
+    path: Path
+    model: Any
+    dataset: Any
+    data: str
+    radii: list[float]
+    unit: float
+
+
+def load_target(args: argparse.Namespace, verb: str) -> Target:
+    """Resolve --data/--holdout/--val-fraction/--radii/--radius-unit against the run's config."""
+    import yaml
+
+    from ..config import config_from_dict
+    from ..data import get_dataset
+    from ..io import load_model
+
+    path = Path(args.model)
+    if not path.exists():
+        raise FileNotFoundError(f"no run folder or weights at {path}")
+    data, opts, radii, unit = args.data, {}, args.radii, args.radius_unit
+    run_cfg = path / "config.yaml" if path.is_dir() else None
+    if run_cfg is not None and run_cfg.is_file() and (data is None or radii is None):
+        try:
+            cfg = config_from_dict(yaml.safe_load(run_cfg.read_text()))
+        except (ValueError, yaml.YAMLError) as e:
+            raise ValueError(f"{run_cfg} is not a readable training config "
+                             f"({str(e).splitlines()[0]}); give --data SPEC and --radii") from None
+        if data is None:
+            data = cfg.data.name
+            opts = {k: v for k, v in {"holdout": cfg.data.holdout, "val_fraction": cfg.data.val_fraction,
+                                      "num_classes": cfg.data.num_classes}.items() if v is not None}
+        if radii is None:
+            radii = [float(r) for r in cfg.certify.radii]
+            unit = unit or float(cfg.certify.radius_unit)
+    if data is None:
+        raise ValueError(f"say which data to {verb} on: --data SPEC (e.g. --data digits)")
+    if args.holdout is not None:
+        opts["holdout"] = args.holdout
+    if args.val_fraction is not None:
+        opts["val_fraction"] = args.val_fraction
+    model = load_model(path, args.device)
+    ds = get_dataset(data, args.split, **opts)
+    if ds.num_classes != model.num_classes:
+        raise ValueError(f"the model has {model.num_classes} classes, the data {ds.num_classes}")
+    return Target(path, model, ds, data, radii or list(DEFAULT_RADII), unit or DEFAULT_UNIT)
