@@ -45,6 +45,15 @@ def test_strict_inequality_at_the_radius():
     assert c.cra([0.0, r, 2 * r]) == [1.0, 0.0, 0.0]
 
 
+def test_select_keeps_the_chosen_examples():
+    z = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0], [1.0, 1.0, 0.0]], dtype=torch.float64)
+    c = certified_radius(z, torch.tensor([0, 1, 0]), W, lipschitz=1.0)
+    s = c.select(slice(2))
+    assert len(s) == 2 and s.lipschitz == c.lipschitz and s.rule == c.rule
+    assert torch.equal(s.radius, c.radius[:2]) and torch.equal(s.correct, c.correct[:2])
+    assert torch.equal(c.select(c.correct).margin, c.margin[c.correct])
+
+
 def test_unknown_rule_and_bad_bound_are_refused():
     z = torch.zeros(1, 3, dtype=torch.float64)
     with pytest.raises(ValueError, match="rule"):

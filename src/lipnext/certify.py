@@ -75,6 +75,11 @@ class Certificate:
             return self.certified(float(eps)).double().mean().item() if len(self) else float("nan")
         return [self.cra(float(e)) for e in eps]
 
+    def select(self, index: slice | torch.Tensor) -> "Certificate":
+        """The certificates of the examples picked by ``index`` (a slice, mask or indices)."""
+        return Certificate(self.radius[index], self.correct[index], self.predictions[index],
+                           self.margin[index], self.lipschitz, self.rule)
+
     @staticmethod
     def cat(certs: list["Certificate"]) -> "Certificate":
         """Concatenate the certificates of several batches (same model and rule)."""

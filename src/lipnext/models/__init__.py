@@ -1,6 +1,6 @@
 """Models: LipNeXt and a registry of named configurations."""
-from .base import CertifiableModel, check_images
-from .lipnext import LipNeXt, LipNeXtBlock, default_patch_size
+from .base import CertifiableModel, check_images, default_patch_size
+from .lipnext import LipNeXt, LipNeXtBlock
 from .registry import build_from_config, create_model, list_models, model_entry, register_arch, \
     register_model
 

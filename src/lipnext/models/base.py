@@ -8,22 +8,31 @@ nothing else, so any architecture with this interface can be certified and verif
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["CertifiableModel", "check_images", "resolve_geometry", "resolve_mean"]
+__all__ = ["CertifiableModel", "check_images", "default_patch_size", "resolve_geometry", "resolve_mean"]
 
 
-def resolve_geometry(image_size: int | Sequence[int], patch_size: int | None,
-                     default_patch: Callable[[int], int]) -> tuple[tuple[int, int], int]:
-    """(H, W) and the patch size, checked: the patch must divide both sides."""
+def default_patch_size(image_size: int) -> int:
+    """4 for CIFAR-sized inputs, 16 for ImageNet-sized ones, smaller for tiny images."""
+    if image_size >= 128:
+        return 16
+    if image_size >= 32:
+        return 4
+    return max(1, image_size // 4)
+
+
+def resolve_geometry(image_size: int | Sequence[int],
+                     patch_size: int | None) -> tuple[tuple[int, int], int]:
+    """(H, W) and the patch size (default_patch_size if None), checked: it must divide both sides."""
     hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     if len(hw) != 2 or min(hw) < 1:
         raise ValueError(f"image_size must be an int or (H, W), got {image_size}")
-    patch_size = patch_size or default_patch(min(hw))
+    patch_size = patch_size or default_patch_size(min(hw))
     if hw[0] % patch_size or hw[1] % patch_size:
         raise ValueError(f"patch_size {patch_size} does not divide the image size {hw}")
     return hw, patch_size

@@ -27,7 +27,6 @@ from ..nn.bro import BROConv2d, BROLinear
 from ..nn.minmax import MinMax
 from .base import resolve_geometry, resolve_mean
 from .conv_trunk import ConvTrunkModel
-from .lipnext import default_patch_size
 
 __all__ = ["BRONet", "BROBlock"]
 
@@ -56,7 +55,7 @@ class BRONet(ConvTrunkModel):
                  kernel_size: int = 3, rank: int | None = None, dense_depth: int = 2,
                  mean: Sequence[float] | None = None, seed: int | None = None):
         super().__init__()
-        hw, patch_size = resolve_geometry(image_size, patch_size, default_patch_size)
+        hw, patch_size = resolve_geometry(image_size, patch_size)
         if depth < 0 or dense_depth < 0 or width < 2 or width % 2 or num_classes < 2:
             raise ValueError(f"need depth >= 0, dense_depth >= 0, an even width >= 2 and "
                              f"num_classes >= 2; got {depth}, {dense_depth}, {width}, {num_classes}")

@@ -22,16 +22,7 @@ from ..nn import BetaAbs, L2Pool, NormalizedLinear, OrthogonalParameter, Orthogo
     PositionalEncoding, SpatialShift, random_orthogonal
 from .base import CertifiableModel, check_images, resolve_geometry, resolve_mean
 
-__all__ = ["LipNeXt", "LipNeXtBlock", "default_patch_size"]
-
-
-def default_patch_size(image_size: int) -> int:
-    """4 for CIFAR-sized inputs, 16 for ImageNet-sized ones, smaller for tiny images."""
-    if image_size >= 128:
-        return 16
-    if image_size >= 32:
-        return 4
-    return max(1, image_size // 4)
+__all__ = ["LipNeXt", "LipNeXtBlock"]
 
 
 class LipNeXtBlock(nn.Module):
@@ -62,7 +53,7 @@ class LipNeXt(CertifiableModel):
                  alpha: float = 1 / 8, beta: float = 0.5, mean: Sequence[float] | None = None,
                  std: Sequence[float] | None = None, seed: int | None = None):
         super().__init__()
-        hw, patch_size = resolve_geometry(image_size, patch_size, default_patch_size)
+        hw, patch_size = resolve_geometry(image_size, patch_size)
         if depth < 1 or width < 1 or num_classes < 2:
             raise ValueError(f"need depth >= 1, width >= 1, num_classes >= 2; "
                              f"got {depth}, {width}, {num_classes}")

@@ -36,7 +36,6 @@ from ..nn.conv_bounds import circular_conv2d, power_iteration_residual_conv, \
 from ..nn.minmax import MinMax
 from .base import resolve_geometry, resolve_mean
 from .conv_trunk import ConvTrunkModel
-from .lipnext import default_patch_size
 
 __all__ = ["LiResNet", "LiResBlock"]
 
@@ -95,7 +94,7 @@ class LiResNet(ConvTrunkModel):
                  kernel_size: int = 3, dense_depth: int = 2, power_iters: int = 10,
                  mean: Sequence[float] | None = None, seed: int | None = None):
         super().__init__()
-        hw, patch_size = resolve_geometry(image_size, patch_size, default_patch_size)
+        hw, patch_size = resolve_geometry(image_size, patch_size)
         if depth < 0 or dense_depth < 0 or width < 2 or width % 2 or num_classes < 2:
             raise ValueError(f"need depth >= 0, dense_depth >= 0, an even width >= 2 and "
                              f"num_classes >= 2; got {depth}, {dense_depth}, {width}, {num_classes}")

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..certify import Certificate, certify
+from ..certify import certify
 from .attacks import attack_certified, ddn_attack, pgd_attack
 from .lipschitz import empirical_lipschitz, head_check
 from .orthogonality import orthogonality_check
@@ -80,8 +80,7 @@ def verify_model(model, x: torch.Tensor, y: torch.Tensor, eps: Sequence[float] =
     checks.append(timed("head", head_check, model, x[:256], seed=seed))
     if attacks:
         n = x.shape[0] if budget.attack_points is None else min(budget.attack_points, x.shape[0])
-        sub = Certificate(cert.radius[:n], cert.correct[:n], cert.predictions[:n], cert.margin[:n],
-                          cert.lipschitz, cert.rule)
+        sub = cert.select(slice(n))
         checks.append(timed("attack", attack_certified, model, x[:n], y[:n], sub, eps, budget.pgd_steps,
                             budget.pgd_restarts, budget.ddn_steps, budget.era_restarts, box, radius_scale,
                             batch_size, seed))
