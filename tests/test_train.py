@@ -185,7 +185,7 @@ def test_nan_rolls_back_with_half_lr(tmp_path):
 
 
 # ---------------------------------------------------------------- configuration errors
-def test_config_errors(tmp_path):
+def test_config_errors(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="Key 'epoch' not in"):
         load_config(None, ["train.epoch=3"])
     with pytest.raises(ValueError, match="could not be converted"):
@@ -206,8 +206,9 @@ def test_config_errors(tmp_path):
         train(cfg(tmp_path, f"data.name=cifar10:{tmp_path / 'nope'}"))
     with pytest.raises(KeyError, match="unknown model"):
         train(cfg(tmp_path, "model.name=lipnext_nope"))
-    with pytest.raises(ValueError, match="fsdp is not supported"):
-        train(cfg(tmp_path, "dist.strategy=fsdp"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="WORLD_SIZE=2 but dist.strategy=none; use ddp or fsdp"):
+        train(cfg(tmp_path, "dist.strategy=none"))
 
 
 def test_incomplete_checkpoint_folders_are_ignored(tmp_path):

@@ -47,11 +47,15 @@ def _weights_path(path: str | os.PathLike) -> Path:
     return path / WEIGHTS_NAME if path.is_dir() or path.suffix == "" else path
 
 
-def save_model(model: CertifiableModel, path: str | os.PathLike) -> Path:
-    """Write ``model`` to ``path`` (a .safetensors file, or a folder that gets model.safetensors)."""
+def save_model(model: CertifiableModel, path: str | os.PathLike,
+               state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``model`` to ``path`` (a .safetensors file, or a folder that gets model.safetensors).
+
+    ``state_dict`` replaces ``model.state_dict()`` (e.g. the gathered weights of an FSDP model).
+    """
     target = _weights_path(path)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
-               if v is not None}
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items() if v is not None}
     meta = {"format": "lipnext", "format_version": FORMAT_VERSION, "arch": model.arch,
             "config": json.dumps(model.config())}
     return atomic_write(target, lambda tmp: save_file(tensors, tmp, metadata=meta))

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..io import read_metadata, save_model
+from .distributed import load_full_state_dict
 
 __all__ = ["save_checkpoint", "load_checkpoint", "list_checkpoints", "latest_checkpoint",
            "CHECKPOINT_DIR"]
@@ -98,9 +99,13 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, state: dict[str, Any],
-                    keep_last: int = 3) -> Path:
-    """Atomically write checkpoint ``step`` and delete all but the last ``keep_last``."""
+                    optimizer_state: dict[str, Any], state: dict[str, Any], keep_last: int = 3,
+                    model_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Atomically write checkpoint ``step`` and delete all but the last ``keep_last``.
+
+    ``optimizer_state`` is the optimizer's ``state_dict()``; ``model_state`` replaces
+    ``model.state_dict()`` (an FSDP model's gathered weights).
+    """
     root = Path(run_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
@@ -108,8 +113,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module,
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
-    save_model(model, tmp / "model.safetensors")
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer_state)
+    save_model(model, tmp / "model.safetensors", model_state)
     save_file({**opt_tensors, **rng_tensors()}, str(tmp / "optimizer.safetensors"))
     (tmp / "state.json").write_text(json.dumps({**state, "step": step, "optimizer": opt_meta}, indent=1))
     for f in ("optimizer.safetensors", "state.json"):
@@ -133,7 +138,7 @@ def _remove(path: Path) -> None:
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+                    optimizer: Any | None = None) -> dict[str, Any]:
     """Load weights (and optimizer state, RNG) into ``model`` / ``optimizer``; return state.json.
 
     Raises a clear error if the checkpoint holds another architecture or configuration.
@@ -153,7 +158,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module,
                          f"config {[want['config'].get(k) for k in diff]}); use the run's own config "
                          "or a new run_dir")
     weights = load_file(str(path / "model.safetensors"))
-    model.load_state_dict(weights, strict=True)
+    load_full_state_dict(model, weights)
     state = json.loads((path / "state.json").read_text())
     tensors = load_file(str(path / "optimizer.safetensors"))
     if optimizer is not None:

@@ -2,19 +2,30 @@
 environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT); a single process otherwise.
 
 Strategies: ``none`` (one process), ``ddp`` (DistributedDataParallel: replicated weights,
-all-reduced gradients; the manifold optimizer sees whole matrices on every rank). ``fsdp``
-is refused with an explanation (see docs/TRAINING.md): the manifold optimizer needs whole
-orthogonal matrices (X^T G, X @ exp(U)), which sharded parameters do not provide.
+all-reduced gradients), ``fsdp`` (FSDP2 ``fully_shard`` on each block, then on the whole
+model: each rank stores 1/W of the rows of every weight and gradient; weights are gathered
+block by block for the forward and backward passes; the optimizer is
+``ShardedManifoldAdam``, which gathers each orthogonal matrix on one owner rank).
 """
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, \
+    set_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
 
-__all__ = ["DistInfo", "setup", "teardown", "wrap_model", "barrier", "resolve_device"]
+from ..nn.orthogonal import is_orthogonal, mark_orthogonal
+
+__all__ = ["DistInfo", "setup", "teardown", "wrap_model", "barrier", "resolve_device", "shard_model",
+           "is_sharded", "unsharded", "full_state_dict", "load_full_state_dict"]
 
 
 @dataclass
@@ -49,16 +60,12 @@ def setup(strategy: str = "auto", backend: str = "auto", device: str = "auto") -
     """Join the process group that torchrun describes (if any) and pick this rank's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if strategy == "fsdp":
-        raise ValueError("dist.strategy=fsdp is not supported: the manifold optimizer updates whole "
-                         "orthogonal matrices (X^T G and X @ FastExp(U)), which FSDP shards; "
-                         "use dist.strategy=ddp (see docs/TRAINING.md, 'Multi-GPU')")
     if strategy == "auto":
         strategy = "ddp" if world > 1 else "none"
     if strategy == "none" and world > 1:
-        raise ValueError(f"launched with WORLD_SIZE={world} but dist.strategy=none; use ddp")
+        raise ValueError(f"launched with WORLD_SIZE={world} but dist.strategy=none; use ddp or fsdp")
     dev = resolve_device(device, local)
-    if strategy == "ddp" and not dist.is_initialized():
+    if strategy in ("ddp", "fsdp") and not dist.is_initialized():
         if "MASTER_ADDR" not in os.environ and world == 1:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", "29500")
@@ -78,10 +85,66 @@ def teardown(info: DistInfo, created: bool) -> None:
 
 
 def wrap_model(model: torch.nn.Module, info: DistInfo, device: torch.device) -> torch.nn.Module:
+    """The module to call for training: DDP around ``model``, or ``model`` sharded in place."""
+    if info.strategy == "fsdp":
+        return shard_model(model, device)
     if info.strategy != "ddp":
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def shard_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """FSDP2 in place: ``fully_shard`` each of ``model.blocks`` (if any), then the model.
+
+    fully_shard swaps every parameter for a DTensor parameter, which loses the
+    ``OrthogonalParameter`` class; the orthogonal ones are marked again by name.
+    """
+    orthogonal = {name for name, p in model.named_parameters() if is_orthogonal(p)}
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for block in getattr(model, "blocks", []):
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    for name, p in model.named_parameters():
+        if name in orthogonal:
+            mark_orthogonal(p)
+    return model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+@contextmanager
+def unsharded(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Every parameter whole on every rank inside the block (collective; a no-op unsharded).
+
+    For code that reads weights outside ``forward``, such as ``lipschitz_bound()``.
+    """
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in modules:
+        m.unshard()
+    try:
+        yield model
+    finally:
+        for m in modules:
+            m.reshard()
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, Any]:
+    """The unsharded state dict: ``model.state_dict()``, or under FSDP (collective) gathered
+    tensor by tensor to rank 0's CPU (other ranks get an empty dict)."""
+    if not is_sharded(model):
+        return model.state_dict()
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load an unsharded state dict (every rank holds it; under FSDP each keeps its rows)."""
+    if is_sharded(model):
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=True))
+    else:
+        model.load_state_dict(state, strict=True)
 
 
 def barrier(info: DistInfo) -> None:

@@ -11,7 +11,9 @@
     polar retraction; save model.safetensors; certify the test split; table, results.json, plot
 
 Everything random is a function of (seed, step) (see ``batches``), so a run resumed from a
-checkpoint repeats the uninterrupted run exactly on CPU.
+checkpoint repeats the uninterrupted run exactly on CPU. Under FSDP the model is sharded in
+place: the bound gathers the weights for a moment, checkpoints are gathered to the unsharded
+layout, and rank 0 certifies an unsharded copy.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from ..config import Config, load_config, to_yaml
@@ -31,13 +34,15 @@ from ..data import Augment, get_dataset, parse_spec
 from ..io import atomic_write, save_model
 from ..losses import LOSSES, eps_schedule
 from ..models import create_model
-from ..models.base import check_images
+from ..models.base import CertifiableModel, check_images
+from ..models.registry import build_from_config
 from ..optim import build_optimizer
 from ..report import format_table, plot_certified_accuracy, results_dict, write_json
 from .batches import BatchPlan, step_generator
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .evaluate import certify_dataset
-from .distributed import DistInfo, all_true, barrier, setup, teardown, wrap_model
+from .distributed import DistInfo, all_true, barrier, full_state_dict, is_sharded, setup, teardown, \
+    unsharded, wrap_model
 from .metrics import MetricsLog
 from .schedule import lr_factor
 
@@ -123,6 +128,11 @@ class Trainer:
         else:
             x_probe, _ = ds.subset(torch.arange(min(len(ds), 64)).numpy(), "train").tensors()
         check_images(x_probe, self.model.in_chans, self.model.image_size)
+        if t.activation_checkpointing:
+            _enable_activation_checkpointing(self.model)
+        self.forward = wrap_model(self.model, info, device)   # FSDP shards self.model in place
+        self.sharded = is_sharded(self.model)
+        self._whole: CertifiableModel | None = None           # FSDP: rank 0's copy to certify
         self.optimizer = build_optimizer(
             self.model, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
             nesterov=cfg.optim.nesterov, orthogonal_lr_scale=cfg.optim.orthogonal_lr_scale,
@@ -149,10 +159,6 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write(self.run_dir / "config.yaml", lambda p: Path(p).write_text(to_yaml(cfg)))
         self.log = MetricsLog(self.run_dir, info.is_main, t.tensorboard, resume_step)
-
-        if t.activation_checkpointing:
-            _enable_activation_checkpointing(self.model)
-        self.forward = wrap_model(self.model, info, device)
         if t.compile:
             self.forward = torch.compile(self.forward)
 
@@ -183,13 +189,15 @@ class Trainer:
     def _save(self) -> None:
         if not self.cfg.train.checkpoint:
             return
+        model_state = full_state_dict(self.model) if self.sharded else None   # collective
+        optimizer_state = self.optimizer.state_dict()                          # collective
         if self.info.is_main:
-            save_checkpoint(self.run_dir, self.step, self.model, self.optimizer,
+            save_checkpoint(self.run_dir, self.step, self.model, optimizer_state,
                             {"epoch": self.step // self.steps_per_epoch, "total_steps": self.total_steps,
                              "lr_scale": self.lr_scale, "rollbacks": self.rollbacks,
                              "elapsed_s": self.elapsed, "lipschitz": self.lipschitz,
                              "model": self.cfg.model.name},
-                            keep_last=self.cfg.train.keep_last)
+                            keep_last=self.cfg.train.keep_last, model_state=model_state)
         barrier(self.info)
 
     # ---------------------------------------------------------------- one step
@@ -237,7 +245,8 @@ class Trainer:
         eps = eps_schedule(step / self.total_steps, self.eps_target, cfg.loss.eps_start,
                            cfg.loss.eps_end, cfg.loss.eps_ramp)
         if self.lipschitz is None or step % cfg.loss.lipschitz_every == 0:
-            self.lipschitz = float(self.model.lipschitz_bound())
+            with unsharded(self.model):
+                self.lipschitz = float(self.model.lipschitz_bound())
         x, y = self._batch(step)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             logits = self.forward(x)
@@ -249,6 +258,8 @@ class Trainer:
         loss.backward()
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if isinstance(gnorm, DTensor):                # FSDP: the global norm, on every rank
+            gnorm = gnorm.full_tensor()
         stats = torch.stack([loss.detach().float(), (logits.argmax(1) == y).float().sum(),
                              gnorm.detach().float().to(loss.device)])
         if dist.is_initialized():
@@ -285,16 +296,33 @@ class Trainer:
                        f"(rollback {rollbacks}/{self.cfg.train.max_rollbacks})")
 
     # ---------------------------------------------------------------- evaluation
-    def _certify(self, split: str, limit: int | None = None) -> tuple[dict[str, Any], Any]:
+    def _whole_model(self) -> CertifiableModel | None:
+        """The model rank 0 certifies and saves: ``self.model``, or under FSDP an unsharded
+        copy loaded with the gathered weights (collective; None on the other ranks)."""
+        if not self.sharded:
+            return self.model
+        state = full_state_dict(self.model)
+        if not self.info.is_main:
+            return None
+        if self._whole is None:
+            self._whole = build_from_config(self.model.arch, self.model.config()).to(self.device)
+        self._whole.load_state_dict(state, strict=True)
+        return self._whole
+
+    def _certify(self, model: CertifiableModel, split: str,
+                 limit: int | None = None) -> tuple[dict[str, Any], Any]:
         ds = self.val_ds if split == "val" else get_dataset(self.cfg.data.name, split, **_data_opts(self.cfg))
-        cert = certify_dataset(self.model, ds, self.cfg.certify.rule, self.cfg.certify.batch_size, limit,
+        cert = certify_dataset(model, ds, self.cfg.certify.rule, self.cfg.certify.batch_size, limit,
                                self.cfg.data.num_workers if self.streaming else 0)
         radii, unit = list(self.cfg.certify.radii), self.cfg.certify.radius_unit
         return results_dict(cert, [r / unit for r in radii], labels=[radius_label(r, unit) for r in radii]), cert
 
     def _evaluate(self, epoch: int) -> None:
-        if self.info.is_main and self.val_ds is not None:
-            res, _ = self._certify("val", self.cfg.train.eval_max)
+        if self.val_ds is None:
+            return
+        model = self._whole_model()
+        if self.info.is_main:
+            res, _ = self._certify(model, "val", self.cfg.train.eval_max)
             self.log.log({"kind": "eval", "split": "val", "step": self.step, "epoch": epoch,
                           "clean_accuracy": res["clean_accuracy"], "cra": res["cra"],
                           "lipschitz": res["lipschitz_bound"], "n": res["n"]})
@@ -371,17 +399,18 @@ class Trainer:
         """Save the final weights; certify the test split (val if there is none); report."""
         cfg = self.cfg
         results: dict[str, Any] = {}
+        model = self._whole_model()
         if self.info.is_main:
-            save_model(self.model, self.run_dir)
+            save_model(model, self.run_dir)
             split = cfg.certify.split
             try:
-                res, cert = self._certify(split)
+                res, cert = self._certify(model, split)
             except ValueError as e:
                 if split != "test":
                     raise
                 print(f"note: {e}; certifying the val split instead")
                 split = "val"
-                res, cert = self._certify(split)
+                res, cert = self._certify(model, split)
             results = {**res, "split": split, "dataset": cfg.data.name, "model": cfg.model.name,
                        "epochs": cfg.train.epochs, "steps": self.step, "train_time_s": round(self.elapsed, 1),
                        "stopped_early_at_step": self.stopped_early, "total_steps": self.total_steps,

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["OrthogonalParameter", "is_orthogonal", "random_orthogonal", "orthogonality_error"]
+__all__ = ["OrthogonalParameter", "is_orthogonal", "mark_orthogonal", "random_orthogonal",
+           "orthogonality_error"]
 
 
 class OrthogonalParameter(nn.Parameter):
@@ -26,7 +27,13 @@ class OrthogonalParameter(nn.Parameter):
 
 def is_orthogonal(p: torch.Tensor) -> bool:
     """True for weights the manifold optimizer keeps on O(n)."""
-    return isinstance(p, OrthogonalParameter)
+    return isinstance(p, OrthogonalParameter) or getattr(p, "_lipnext_orthogonal", False)
+
+
+def mark_orthogonal(p: torch.Tensor) -> torch.Tensor:
+    """Mark ``p`` as orthogonal without its class (FSDP swaps in DTensor parameters)."""
+    p._lipnext_orthogonal = True
+    return p
 
 
 def random_orthogonal(n: int, generator: torch.Generator | None = None,
@@ -35,7 +42,7 @@ def random_orthogonal(n: int, generator: torch.Generator | None = None,
     g = torch.randn(n, n, generator=generator, dtype=torch.float64)
     q, r = torch.linalg.qr(g)
     q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)
-    return q.to(dtype)
+    return q.to(dtype).contiguous()
 
 
 def orthogonality_error(x: torch.Tensor) -> float:

@@ -5,15 +5,18 @@ Parameter groups:
 - decay: the other parameters with >= 2 dims (e.g. the head weight), ``weight_decay``;
 - no_decay: 1-D parameters (biases, ...) and the parameters of ``PositionalEncoding``
   modules, weight decay 0.
-Frozen parameters (requires_grad=False) and empty groups are left out.
+Frozen parameters (requires_grad=False) and empty groups are left out. A model sharded by
+FSDP (``fully_shard``: DTensor parameters) gets the same groups in a ``ShardedManifoldAdam``.
 """
 from __future__ import annotations
 
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from ..nn.orthogonal import is_orthogonal
 from ..nn.stem import PositionalEncoding
 from .manifold_adam import ManifoldAdam
+from .sharded import ShardedManifoldAdam
 
 __all__ = ["build_optimizer"]
 
@@ -21,7 +24,7 @@ __all__ = ["build_optimizer"]
 def build_optimizer(model: nn.Module, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                     weight_decay: float = 0.0, nesterov: bool = True,
                     orthogonal_lr_scale: float = 0.5, lookahead_k: int = 5,
-                    lookahead_alpha: float = 0.5) -> ManifoldAdam:
+                    lookahead_alpha: float = 0.5) -> ManifoldAdam | ShardedManifoldAdam:
     """ManifoldAdam over ``model.parameters()`` split into orthogonal / decay / no_decay groups."""
     positional = {id(p) for m in model.modules() if isinstance(m, PositionalEncoding)
                   for p in m.parameters()}
@@ -38,7 +41,9 @@ def build_optimizer(model: nn.Module, lr: float = 1e-3, betas: tuple[float, floa
     groups = [dict(params=orthogonal, orthogonal=True),
               dict(params=decay, orthogonal=False),
               dict(params=no_decay, orthogonal=False, weight_decay=0.0)]
-    return ManifoldAdam([g for g in groups if g["params"]], lr=lr, betas=betas,
-                        weight_decay=weight_decay, nesterov=nesterov,
-                        orthogonal_lr_scale=orthogonal_lr_scale,
-                        lookahead_k=lookahead_k, lookahead_alpha=lookahead_alpha)
+    groups = [g for g in groups if g["params"]]
+    sharded = any(isinstance(p, DTensor) for g in groups for p in g["params"])
+    cls = ShardedManifoldAdam if sharded else ManifoldAdam
+    return cls(groups, lr=lr, betas=betas, weight_decay=weight_decay, nesterov=nesterov,
+               orthogonal_lr_scale=orthogonal_lr_scale, lookahead_k=lookahead_k,
+               lookahead_alpha=lookahead_alpha)
