@@ -38,11 +38,9 @@ def storage_bytes(tensors) -> int:
 
 
 def optimizer_tensors(opt) -> list[torch.Tensor]:
+    """The state tensors (ShardedManifoldAdam keeps them in its inner ManifoldAdam)."""
     inner = opt.inner if isinstance(opt, ShardedManifoldAdam) else opt
-    out = [t for st in inner.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
-    if isinstance(opt, ShardedManifoldAdam):        # whole orthogonal matrices this rank owns
-        out += [opt.proxy[id(p)] for p, owner in opt._orthogonal() if owner == opt.rank]
-    return out
+    return [t for st in inner.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
 
 
 def one_step(model_name: str, batch: int, world: int, rank: int) -> dict:

@@ -50,6 +50,25 @@ def test_certify_matches_training_results(tmp_path):
     assert again["cra"] == saved["cra"] and again["clean_accuracy"] == saved["clean_accuracy"]
 
 
+def test_certify_uses_the_runs_image_size(tmp_path):
+    """A run on ImageNet folders at data.image_size=16 re-certifies at 16, not at 224."""
+    Image = pytest.importorskip("PIL.Image")
+    for split, n in (("train", 4), ("val", 2)):
+        for k, wnid in enumerate(["n1", "n2"]):
+            for i in range(n):
+                (tmp_path / split / wnid).mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", (24, 20), (90 * k, 40 * i, 60)).save(tmp_path / split / wnid / f"{i}.JPEG")
+    run = tmp_path / "run"
+    assert main(["train", "--run-dir", str(run), f"data.name=imagenet:{tmp_path}", "data.image_size=16",
+                 "data.val_fraction=0", "data.num_workers=0", "certify.radii=[36]", *SMALL,
+                 "train.batch_size=8"]) == 0
+    saved = json.loads((run / "results.json").read_text())
+    assert main(["certify", str(run), "--out", str(tmp_path / "c.json")]) == 0
+    again = json.loads((tmp_path / "c.json").read_text())
+    assert again["n"] == saved["n"] == 4
+    assert again["cra"] == saved["cra"] and again["clean_accuracy"] == saved["clean_accuracy"]
+
+
 def test_user_errors_are_one_line(tmp_path, capsys):
     assert main(["train", "train.epoch=3"]) == 2
     err = capsys.readouterr().err

@@ -17,7 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 __all__ = ["Config", "DataConfig", "AugmentConfig", "ModelConfig", "OptimConfig", "LossConfig",
-           "TrainConfig", "CertifyConfig", "DistConfig", "load_config", "to_yaml", "config_from_dict"]
+           "TrainConfig", "CertifyConfig", "DistConfig", "load_config", "to_yaml", "config_from_dict",
+           "dataset_options"]
 
 
 @dataclass
@@ -191,6 +192,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def config_from_dict(d: dict) -> Config:
     """A validated Config from a plain dict (e.g. a run's saved config.yaml)."""
     return _merge(OmegaConf.create(d))
+
+
+def dataset_options(cfg: Config) -> dict[str, Any]:
+    """The keyword options of ``get_dataset`` that the data section sets (None left out)."""
+    d = cfg.data
+    opts = {"holdout": d.holdout, "val_fraction": d.val_fraction, "num_classes": d.num_classes,
+            "image_size": d.image_size}
+    return {k: v for k, v in opts.items() if v is not None}
 
 
 def to_yaml(cfg: Config | DictConfig) -> str:

@@ -24,7 +24,7 @@ def load_target(args: argparse.Namespace, verb: str) -> Target:
     """Resolve --data/--holdout/--val-fraction/--radii/--radius-unit against the run's config."""
     import yaml
 
-    from ..config import config_from_dict
+    from ..config import config_from_dict, dataset_options
     from ..data import get_dataset
     from ..io import load_model
 
@@ -41,8 +41,7 @@ def load_target(args: argparse.Namespace, verb: str) -> Target:
                              f"({str(e).splitlines()[0]}); give --data SPEC and --radii") from None
         if data is None:
             data = cfg.data.name
-            opts = {k: v for k, v in {"holdout": cfg.data.holdout, "val_fraction": cfg.data.val_fraction,
-                                      "num_classes": cfg.data.num_classes}.items() if v is not None}
+            opts = dataset_options(cfg)
         if radii is None:
             radii = [float(r) for r in cfg.certify.radii]
             unit = unit or float(cfg.certify.radius_unit)

@@ -29,7 +29,7 @@ from omegaconf import OmegaConf
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from ..config import Config, load_config, to_yaml
+from ..config import Config, dataset_options, load_config, to_yaml
 from ..data import Augment, get_dataset, parse_spec
 from ..io import atomic_write, save_model
 from ..losses import LOSSES, eps_schedule
@@ -75,13 +75,6 @@ def radius_label(r: float, unit: float) -> str:
     return f"{r:g}" if unit == 1 else f"{r:g}/{unit:g}"
 
 
-def _data_opts(cfg: Config) -> dict[str, Any]:
-    d = cfg.data
-    opts = {"holdout": d.holdout, "val_fraction": d.val_fraction, "num_classes": d.num_classes,
-            "image_size": d.image_size}
-    return {k: v for k, v in opts.items() if v is not None}
-
-
 def _enable_activation_checkpointing(model: torch.nn.Module) -> None:
     """Recompute each block's activations in the backward pass instead of storing them."""
     blocks = getattr(model, "blocks", None)
@@ -104,7 +97,7 @@ class Trainer:
         self.eps_target = cfg.loss.eps_255 / 255.0
 
         # data: validated once here, so the model skips its per-call input checks
-        opts = _data_opts(cfg)
+        opts = dataset_options(cfg)
         self.train_ds = get_dataset(cfg.data.name, "train", **opts)
         self.streaming = bool(getattr(self.train_ds, "streaming", False))
         self.val_ds = None
@@ -132,7 +125,6 @@ class Trainer:
             _enable_activation_checkpointing(self.model)
         self.forward = wrap_model(self.model, info, device)   # FSDP shards self.model in place
         self.sharded = is_sharded(self.model)
-        self._whole: CertifiableModel | None = None           # FSDP: rank 0's copy to certify
         self.optimizer = build_optimizer(
             self.model, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
             nesterov=cfg.optim.nesterov, orthogonal_lr_scale=cfg.optim.orthogonal_lr_scale,
@@ -189,8 +181,8 @@ class Trainer:
     def _save(self) -> None:
         if not self.cfg.train.checkpoint:
             return
-        model_state = full_state_dict(self.model) if self.sharded else None   # collective
-        optimizer_state = self.optimizer.state_dict()                          # collective
+        model_state = full_state_dict(self.model)            # collective under FSDP
+        optimizer_state = self.optimizer.state_dict()        # collective under FSDP
         if self.info.is_main:
             save_checkpoint(self.run_dir, self.step, self.model, optimizer_state,
                             {"epoch": self.step // self.steps_per_epoch, "total_steps": self.total_steps,
@@ -297,21 +289,25 @@ class Trainer:
 
     # ---------------------------------------------------------------- evaluation
     def _whole_model(self) -> CertifiableModel | None:
-        """The model rank 0 certifies and saves: ``self.model``, or under FSDP an unsharded
-        copy loaded with the gathered weights (collective; None on the other ranks)."""
+        """The model rank 0 certifies and saves: ``self.model``, or under FSDP a temporary
+        unsharded copy holding the gathered weights (collective; None on the other ranks).
+
+        The copy is built on the meta device (no initialisation), so nothing but the
+        gathered weights is allocated, and only while the caller holds it."""
         if not self.sharded:
             return self.model
         state = full_state_dict(self.model)
         if not self.info.is_main:
             return None
-        if self._whole is None:
-            self._whole = build_from_config(self.model.arch, self.model.config()).to(self.device)
-        self._whole.load_state_dict(state, strict=True)
-        return self._whole
+        with torch.device("meta"):
+            whole = build_from_config(self.model.arch, self.model.config())
+        whole = whole.to_empty(device=self.device)
+        whole.load_state_dict(state, strict=True)
+        return whole
 
     def _certify(self, model: CertifiableModel, split: str,
                  limit: int | None = None) -> tuple[dict[str, Any], Any]:
-        ds = self.val_ds if split == "val" else get_dataset(self.cfg.data.name, split, **_data_opts(self.cfg))
+        ds = self.val_ds if split == "val" else get_dataset(self.cfg.data.name, split, **dataset_options(self.cfg))
         cert = certify_dataset(model, ds, self.cfg.certify.rule, self.cfg.certify.batch_size, limit,
                                self.cfg.data.num_workers if self.streaming else 0)
         radii, unit = list(self.cfg.certify.radii), self.cfg.certify.radius_unit
