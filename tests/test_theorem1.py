@@ -1,4 +1,4 @@
-"""Theorem 1 (DESIGN §5): a circular depthwise convolution preserves norms iff its
+"""Theorem 1 (docs/CORE.md, Theorem 1): a circular depthwise convolution preserves norms iff its
 kernel has exactly one non-zero entry, equal to +1 or -1."""
 import itertools
 

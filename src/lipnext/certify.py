@@ -1,4 +1,4 @@
-"""Deterministic L2 certificates (DESIGN §2).
+"""Deterministic L2 certificates (docs/CORE.md, Certificates).
 
 With L a sound bound on the trunk's Lipschitz constant and w_i the effective head
 rows, the prediction y = argmax z is certified at radius eps when, for all j != y,

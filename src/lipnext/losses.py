@@ -1,4 +1,4 @@
-"""Certified training losses (DESIGN §4).
+"""Certified training losses (docs/CORE.md, Loss and recipe).
 
 With logits z, label y, trunk bound L and head rows w_i, K_i = L ||w_y - w_i||_2.
 

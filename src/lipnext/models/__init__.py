@@ -6,7 +6,7 @@ from .registry import build_from_config, create_model, list_models, model_entry,
 
 register_arch(LipNeXt)
 
-# name: (depth, width, note); trunk parameters 2 * width^2 * depth (DESIGN §1)
+# name: (depth, width, note); trunk parameters 2 * width^2 * depth (docs/CORE.md, Model)
 _LIPNEXT = {
     "lipnext_l4w64": (4, 64, "tiny, for tests"),
     "lipnext_l8w128": (8, 128, "small, for the CPU"),

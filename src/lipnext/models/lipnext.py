@@ -1,6 +1,6 @@
 """LipNeXt: orthogonal channel mixing around parameter-free spatial shifts.
 
-Block (DESIGN §1), tokens X channels-last:
+Block (docs/CORE.md, Model), tokens X channels-last:
 
     Z = beta_abs(M R^T S(R (X + p)) + b)
 
@@ -8,7 +8,7 @@ with R, M orthogonal, S the circular spatial shift, p a positional encoding. In 
 form (tokens are rows) this is ((X + p) R^T) -> S -> (. R M^T) + b, so each block costs
 two GEMMs over the B*h*w token rows plus one C x C product R M^T.
 Trunk: stem -> blocks -> L2 pooling, with Lipschitz bound
-L = s_in * ||W_stem|| * prod_blocks ||R||^2 ||M|| (measured, DESIGN §2).
+L = s_in * ||W_stem|| * prod_blocks ||R||^2 ||M|| (measured, docs/CORE.md, Certificates).
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ Trunk on images x in [0, 1] (mean subtracted, no std division):
     dense  f <- MinMax(f W_i^T + b_i), W_i Cholesky-orthogonal (LiResNet++'s dense layers)
     head   last-layer-normalised linear layer (rows of unit norm)
 
-Sound bound (DESIGN §2): power iteration only gives a lower estimate, so the certificate
+Sound bound (docs/CORE.md, Certificates): power iteration only gives a lower estimate, so the certificate
 uses the exact norm of each residual operator, max over Fourier frequencies of
 sigma_max(I + K_hat(f)) in float64 (Sedghi et al. 2019) with a rounding slack, divided by
 the stored s:

@@ -1,7 +1,7 @@
 """Last-layer-normalised head: z = W f + b with rows w_i = v_i / ||v_i||_2.
 
 The head is not 1-Lipschitz as a whole; certification uses the pairwise constants
-||w_y - w_j||_2 (DESIGN §2).
+||w_y - w_j||_2 (docs/CORE.md, Certificates).
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Tokens are channels-last, (B, h, w, C). The channels are split into five groups:
 four groups of ``alpha * C`` channels are rolled by one position up, down, left and
 right with wrap-around (circular), the rest stays. Being a permutation of the
-coordinates, S is an isometry: ||S(X)|| = ||X|| and ||S||_2 = 1 (DESIGN §1, §5).
+coordinates, S is an isometry: ||S(X)|| = ||X|| and ||S||_2 = 1 (docs/CORE.md, Model and Theorem 1).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Training on the orthogonal manifold: FastExp, polar retraction, ManifoldAdam (DESIGN §3)."""
+"""Training on the orthogonal manifold: FastExp, polar retraction, ManifoldAdam (docs/CORE.md, Optimizer)."""
 from .factory import build_optimizer
 from .fast_exp import TAYLOR_THRESHOLDS, fast_exp
 from .manifold_adam import ManifoldAdam, lie_gradient

@@ -1,4 +1,4 @@
-"""build_optimizer: the ManifoldAdam of the training recipe (NAdam + Lookahead, DESIGN §4).
+"""build_optimizer: the ManifoldAdam of the training recipe (NAdam + Lookahead, docs/CORE.md, Loss and recipe).
 
 Parameter groups:
 - orthogonal: every ``OrthogonalParameter`` (lr x ``orthogonal_lr_scale``, no weight decay);

@@ -1,7 +1,7 @@
 """FastExp: the matrix exponential of small skew-symmetric matrices by truncated Taylor series.
 
 For A with ||A||_F below a threshold, exp(A) ~ sum_{j<=k} A^j / j!, with the order k
-chosen per matrix from ``TAYLOR_THRESHOLDS`` (DESIGN §3.4):
+chosen per matrix from ``TAYLOR_THRESHOLDS`` (docs/CORE.md, Optimizer):
 
     ||A||_F < 0.05 -> k = 2,   < 0.25 -> k = 3,   < 1 -> k = 4,   else torch.linalg.matrix_exp.
 

@@ -1,6 +1,6 @@
 """ManifoldAdam: Adam/NAdam whose orthogonal weights stay on O(n) through the exponential map.
 
-For an orthogonal X with Euclidean gradient G, at step t (DESIGN §3):
+For an orthogonal X with Euclidean gradient G, at step t (docs/CORE.md, Optimizer):
 
     A = (X^T G - G^T X) / 2                                  Riemannian gradient, skew
     m <- b1 m + (1 - b1) A,   v <- b2 v + (1 - b2) A * A       elementwise moments
