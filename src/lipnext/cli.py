@@ -9,7 +9,7 @@ import sys
 from . import __version__
 
 # Subcommand modules, in the order `lipnext --help` lists them.
-COMMANDS = ["demo", "train", "certify", "verify", "models", "bench"]
+COMMANDS = ["demo", "train", "certify", "verify", "models", "bench", "study"]
 
 # A user's mistake (bad path, shape, key, value) is reported in one line, no traceback.
 USER_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, NotADirectoryError,

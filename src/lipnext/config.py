@@ -54,6 +54,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     nesterov: bool = True                # NAdam
     orthogonal_lr_scale: float = 0.5
+    update: str = "fast_exp"             # rotation of the orthogonal step: fast_exp | exact | cayley
     lookahead_k: int = 5                 # manifold Lookahead every k steps (0 = off)
     lookahead_alpha: float = 0.5
     grad_clip: float = 3.0               # max global gradient norm (0 = off)
@@ -81,7 +82,7 @@ class TrainConfig:
     precision: str = "auto"              # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     compile: bool = False                # torch.compile the model
     activation_checkpointing: bool = False
-    retraction: str = "svd"              # polar retraction method: svd | newton_schulz
+    retraction: str = "svd"              # per-epoch polar retraction: svd | newton_schulz | none
     eval_every: int = 1                  # certify the val split every N epochs (0 = never)
     eval_max: Optional[int] = None       # certify at most this many val images
     checkpoint_every: int = 1            # epochs between checkpoints (0 = only at the end)
@@ -127,7 +128,8 @@ class Config:
 
 
 _CHOICES = {"loss.name": ("emma", "margin", "ce"), "train.precision": ("auto", "bf16", "fp32"),
-            "train.retraction": ("svd", "newton_schulz"), "train.on_nan": ("stop", "rollback"),
+            "train.retraction": ("svd", "newton_schulz", "none"),
+            "optim.update": ("fast_exp", "exact", "cayley"), "train.on_nan": ("stop", "rollback"),
             "certify.rule": ("pairwise", "sqrt2"), "certify.split": ("train", "val", "test"),
             "dist.strategy": ("auto", "none", "ddp", "fsdp"),
             "dist.backend": ("auto", "nccl", "gloo"), "augment.pad_mode": ("reflect", "zeros")}

@@ -128,7 +128,8 @@ class Trainer:
         self.optimizer = build_optimizer(
             self.model, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
             nesterov=cfg.optim.nesterov, orthogonal_lr_scale=cfg.optim.orthogonal_lr_scale,
-            lookahead_k=cfg.optim.lookahead_k, lookahead_alpha=cfg.optim.lookahead_alpha)
+            lookahead_k=cfg.optim.lookahead_k, lookahead_alpha=cfg.optim.lookahead_alpha,
+            update=cfg.optim["update"])                 # (cfg.optim.update is DictConfig.update)
 
         self.plan = BatchPlan(len(ds), t.batch_size, t.seed, len(self.gen_ds) if self.gen_ds else 0,
                               cfg.data.generated_fraction, info.world_size, info.rank)
@@ -371,7 +372,7 @@ class Trainer:
                     window_t, window_n = now, 0
                 epoch_end = self.step % self.steps_per_epoch == 0
                 if epoch_end:
-                    drift = self.optimizer.retract(t.retraction)
+                    drift = self.optimizer.retract(t.retraction) if t.retraction != "none" else None
                     self.log.log({"kind": "epoch", "step": self.step, "epoch": epoch,
                                   "orthogonality_drift": drift})
                     if t.eval_every and (epoch + 1) % t.eval_every == 0:
@@ -383,7 +384,8 @@ class Trainer:
                     self._save()
             bar.close()
             if not finished:                          # its weights are already final
-                self.optimizer.retract(t.retraction)
+                if t.retraction != "none":            # (none: certified as trained, bound measured)
+                    self.optimizer.retract(t.retraction)
                 self.elapsed = time.perf_counter() - t0
                 self._save()
             return self._finish()

@@ -9,6 +9,12 @@ form (tokens are rows) this is ((X + p) R^T) -> S -> (. R M^T) + b, so each bloc
 two GEMMs over the B*h*w token rows plus one C x C product R M^T.
 Trunk: stem -> blocks -> L2 pooling, with Lipschitz bound
 L = s_in * ||W_stem|| * prod_blocks ||R||^2 ||M|| (measured, docs/CORE.md, Certificates).
+
+Ablation switches (constructor options, saved in the config): ``pos_encoding`` ``block``
+(one p per block), ``shared`` (one p for all blocks) or ``none``; ``padding`` of S
+``circular`` or ``zero`` (||S|| <= 1); ``activation`` ``beta_abs``, ``minmax`` or
+``identity``. Each is a translation or has Lipschitz constant <= 1, so the bound above
+holds for every choice.
 """
 from __future__ import annotations
 
@@ -18,24 +24,39 @@ import torch
 from torch import nn
 
 from ..bounds import spectral_norm_bound
-from ..nn import BetaAbs, L2Pool, NormalizedLinear, OrthogonalParameter, OrthogonalPatchStem, \
-    PositionalEncoding, SpatialShift, random_orthogonal
+from ..nn import (L2Pool, NormalizedLinear, OrthogonalParameter, OrthogonalPatchStem,
+                  PositionalEncoding, SpatialShift, random_orthogonal)
+from ..nn.activation import make_activation
+from ..nn.stem import SharedPositionalEncoding
 from .base import CertifiableModel, check_images, resolve_geometry, resolve_mean
 
-__all__ = ["LipNeXt", "LipNeXtBlock"]
+__all__ = ["LipNeXt", "LipNeXtBlock", "POS_ENCODINGS"]
+
+POS_ENCODINGS = ("block", "shared", "none")
 
 
 class LipNeXtBlock(nn.Module):
     """Z = beta_abs(M R^T S(R (X + p)) + b) on channels-last tokens."""
 
-    def __init__(self, width: int, grid: tuple[int, int], alpha: float = 1 / 8, beta: float = 0.5):
+    def __init__(self, width: int, grid: tuple[int, int], alpha: float = 1 / 8, beta: float = 0.5,
+                 pos: PositionalEncoding | None | str = "block", padding: str = "circular",
+                 activation: str = "beta_abs"):
+        """``pos``: "block" (its own p), a shared ``PositionalEncoding`` (p of another
+        module), or None (no p: X + p becomes X)."""
         super().__init__()
-        self.pos = PositionalEncoding(grid)
+        if isinstance(pos, PositionalEncoding):
+            self.pos = SharedPositionalEncoding(pos)
+        elif pos == "block":
+            self.pos = PositionalEncoding(grid)
+        elif pos is None:
+            self.pos = nn.Identity()
+        else:
+            raise ValueError(f"pos must be 'block', a PositionalEncoding or None, got {pos!r}")
         self.R = OrthogonalParameter(random_orthogonal(width))
         self.M = OrthogonalParameter(random_orthogonal(width))
-        self.shift = SpatialShift(width, alpha)
+        self.shift = SpatialShift(width, alpha, padding)
         self.bias = nn.Parameter(torch.zeros(width))
-        self.act = BetaAbs(width, beta)
+        self.act = make_activation(activation, width, beta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.R.to(x.dtype)
@@ -51,17 +72,21 @@ class LipNeXt(CertifiableModel):
     def __init__(self, depth: int = 8, width: int = 128, num_classes: int = 10, in_chans: int = 3,
                  image_size: int | Sequence[int] = 32, patch_size: int | None = None,
                  alpha: float = 1 / 8, beta: float = 0.5, mean: Sequence[float] | None = None,
-                 std: Sequence[float] | None = None, seed: int | None = None):
+                 std: Sequence[float] | None = None, seed: int | None = None,
+                 pos_encoding: str = "block", padding: str = "circular", activation: str = "beta_abs"):
         super().__init__()
         hw, patch_size = resolve_geometry(image_size, patch_size)
         if depth < 1 or width < 1 or num_classes < 2:
             raise ValueError(f"need depth >= 1, width >= 1, num_classes >= 2; "
                              f"got {depth}, {width}, {num_classes}")
+        if pos_encoding not in POS_ENCODINGS:
+            raise ValueError(f"pos_encoding must be one of {', '.join(POS_ENCODINGS)}, got {pos_encoding!r}")
         mean = resolve_mean(mean, in_chans)
         self._config = dict(depth=depth, width=width, num_classes=num_classes, in_chans=in_chans,
                             image_size=list(hw), patch_size=patch_size, alpha=alpha, beta=beta,
                             mean=mean,
-                            std=None if std is None else [float(s) for s in std], seed=seed)
+                            std=None if std is None else [float(s) for s in std], seed=seed,
+                            pos_encoding=pos_encoding, padding=padding, activation=activation)
         self.depth, self.width, self.num_classes, self.in_chans = depth, width, num_classes, in_chans
         self.image_size, self.patch_size = hw, patch_size
         grid = (hw[0] // patch_size, hw[1] // patch_size)
@@ -69,7 +94,13 @@ class LipNeXt(CertifiableModel):
             if seed is not None:
                 torch.manual_seed(seed)
             self.stem = OrthogonalPatchStem(in_chans, width, patch_size, mean, std)
-            self.blocks = nn.ModuleList(LipNeXtBlock(width, grid, alpha, beta) for _ in range(depth))
+            pos: PositionalEncoding | None | str = "block"
+            if pos_encoding == "shared":
+                pos = self.pos = PositionalEncoding(grid)   # one p, owned here, used by every block
+            elif pos_encoding == "none":
+                pos = None
+            self.blocks = nn.ModuleList(LipNeXtBlock(width, grid, alpha, beta, pos, padding, activation)
+                                        for _ in range(depth))
             self.pool = L2Pool()
             self.head = NormalizedLinear(width, num_classes)
         self.validate_inputs = True

@@ -1,15 +1,21 @@
-"""beta-Abs: |x| on the first ``beta * C`` channels, identity on the rest (1-Lipschitz).
+"""Activations of the LipNeXt block (channels last), each 1-Lipschitz.
 
-At beta = 1/2 it equals MinMax up to an orthogonal change of basis:
-with u = (a + b)/sqrt 2, v = (a - b)/sqrt 2, (max(a,b), min(a,b)) = Q (u, |v|) for a
-fixed orthogonal Q.
+beta-Abs: |x| on the first ``beta * C`` channels, identity on the rest. At beta = 1/2 it
+equals MinMax up to an orthogonal change of basis: with u = (a + b)/sqrt 2,
+v = (a - b)/sqrt 2, (max(a,b), min(a,b)) = Q (u, |v|) for a fixed orthogonal Q.
+``make_activation`` builds the one a model names: ``beta_abs``, ``minmax`` (MinMax on
+channel halves, norm-preserving) or ``identity`` (a control: the network is then linear).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-__all__ = ["BetaAbs"]
+from .minmax import MinMax
+
+__all__ = ["ACTIVATIONS", "BetaAbs", "make_activation"]
+
+ACTIVATIONS = ("beta_abs", "minmax", "identity")
 
 
 class BetaAbs(nn.Module):
@@ -34,3 +40,16 @@ class BetaAbs(nn.Module):
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, beta={self.beta}"
+
+
+def make_activation(name: str, channels: int, beta: float = 0.5) -> nn.Module:
+    """The 1-Lipschitz activation ``name`` on channels-last tokens of ``channels`` channels."""
+    if name == "beta_abs":
+        return BetaAbs(channels, beta)
+    if name == "minmax":
+        if channels % 2:
+            raise ValueError(f"activation 'minmax' pairs channel halves and needs an even width, got {channels}")
+        return MinMax(dim=-1)
+    if name == "identity":
+        return nn.Identity()
+    raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {name!r}")

@@ -1,8 +1,8 @@
 """MinMax activation and non-overlapping patch extraction for convolutional baselines.
 
-MinMax (GroupSort of size 2) on channels-first tensors: the channels are split into
-halves (a, b) and mapped to (max(a, b), min(a, b)), a 1-Lipschitz, norm-preserving
-sorting of each pair. ``patchify`` reorders pixels into non-overlapping p x p patches,
+MinMax (GroupSort of size 2) along a channel dimension (1 for channels-first tensors,
+-1 for LipNeXt's channels-last tokens): the channels are split into halves (a, b) and
+mapped to (max(a, b), min(a, b)), a 1-Lipschitz, norm-preserving sorting of each pair. ``patchify`` reorders pixels into non-overlapping p x p patches,
 a permutation, hence an isometry.
 """
 from __future__ import annotations

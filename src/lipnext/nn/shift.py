@@ -1,46 +1,68 @@
-"""Spatial Shift: a parameter-free, norm-preserving spatial mixer (a permutation).
+"""Spatial Shift: a parameter-free spatial mixer of norm at most 1.
 
 Tokens are channels-last, (B, h, w, C). The channels are split into five groups:
-four groups of ``alpha * C`` channels are rolled by one position up, down, left and
-right with wrap-around (circular), the rest stays. Being a permutation of the
-coordinates, S is an isometry: ||S(X)|| = ||X|| and ||S||_2 = 1 (docs/CORE.md, Model and Theorem 1).
+four groups of ``alpha * C`` channels are moved by one position up, down, left and
+right, the rest stays. With ``padding="circular"`` the moves wrap around: S is a
+permutation of the coordinates, an isometry, ||S(X)|| = ||X|| and ||S||_2 = 1
+(docs/CORE.md, Model and Theorem 1). With ``padding="zero"`` the entries pushed out of
+the grid are dropped and zeros come in: every output coordinate is 0 or a distinct
+input coordinate, so S is a partial isometry (a coordinate projection followed by a
+permutation), ||S(X)|| <= ||X|| and ||S||_2 <= 1; the Lipschitz bound is unchanged.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-__all__ = ["SpatialShift", "spatial_shift"]
+__all__ = ["PADDINGS", "SpatialShift", "spatial_shift"]
+
+PADDINGS = ("circular", "zero")
 
 
-def spatial_shift(x: torch.Tensor, group: int) -> torch.Tensor:
-    """Roll four channel groups of size ``group`` by +-1 along h and w (circular)."""
+def _move(x: torch.Tensor, step: int, dim: int, padding: str) -> torch.Tensor:
+    """out[i] = x[i - step] along ``dim`` (step = +-1): wrapped, or 0 where i - step is off the grid."""
+    if padding == "circular":
+        return torch.roll(x, step, dims=dim)
+    n = x.shape[dim]
+    shape = list(x.shape)
+    shape[dim] = 1
+    zeros = x.new_zeros(shape)
+    if step > 0:
+        return torch.cat([zeros, x.narrow(dim, 0, n - 1)], dim=dim)
+    return torch.cat([x.narrow(dim, 1, n - 1), zeros], dim=dim)
+
+
+def spatial_shift(x: torch.Tensor, group: int, padding: str = "circular") -> torch.Tensor:
+    """Move four channel groups of size ``group`` by +-1 along h and w."""
     g = group
     if g == 0:
         return x
     up, down, left, right, rest = torch.split(x, [g, g, g, g, x.shape[-1] - 4 * g], dim=-1)
     return torch.cat([
-        torch.roll(up, -1, dims=-3),
-        torch.roll(down, 1, dims=-3),
-        torch.roll(left, -1, dims=-2),
-        torch.roll(right, 1, dims=-2),
+        _move(up, -1, -3, padding),
+        _move(down, 1, -3, padding),
+        _move(left, -1, -2, padding),
+        _move(right, 1, -2, padding),
         rest,
     ], dim=-1)
 
 
 class SpatialShift(nn.Module):
-    """S(X): four groups of ``round(alpha * C)`` channels each shifted one step (circular)."""
+    """S(X): four groups of ``round(alpha * C)`` channels each moved one step (circular or zero padding)."""
 
-    def __init__(self, channels: int, alpha: float = 1 / 8):
+    def __init__(self, channels: int, alpha: float = 1 / 8, padding: str = "circular"):
         super().__init__()
         if not 0 <= alpha <= 0.25:
             raise ValueError(f"alpha counts channels per direction and must lie in [0, 1/4], got {alpha}")
+        if padding not in PADDINGS:
+            raise ValueError(f"padding must be one of {', '.join(PADDINGS)}, got {padding!r}")
         self.channels = channels
         self.alpha = alpha
+        self.padding = padding
         self.group = int(round(alpha * channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return spatial_shift(x, self.group)
+        return spatial_shift(x, self.group, self.padding)
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, alpha={self.alpha}, group={self.group}"
+        return f"channels={self.channels}, alpha={self.alpha}, group={self.group}, padding={self.padding}"

@@ -16,7 +16,7 @@ from torch import nn
 
 from .orthogonal import OrthogonalParameter, random_orthogonal
 
-__all__ = ["OrthogonalPatchStem", "PositionalEncoding"]
+__all__ = ["OrthogonalPatchStem", "PositionalEncoding", "SharedPositionalEncoding"]
 
 
 class OrthogonalPatchStem(nn.Module):
@@ -64,3 +64,17 @@ class PositionalEncoding(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.pos.to(x.dtype)
+
+
+class SharedPositionalEncoding(nn.Module):
+    """X + p with the p of another ``PositionalEncoding`` (one p for all blocks).
+
+    The owner is held outside the module tree, so its parameter is registered, saved and
+    optimised once, by the module that owns it."""
+
+    def __init__(self, owner: PositionalEncoding):
+        super().__init__()
+        self._owner = (owner,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._owner[0](x)

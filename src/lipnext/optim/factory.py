@@ -24,8 +24,9 @@ __all__ = ["build_optimizer"]
 def build_optimizer(model: nn.Module, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                     weight_decay: float = 0.0, nesterov: bool = True,
                     orthogonal_lr_scale: float = 0.5, lookahead_k: int = 5,
-                    lookahead_alpha: float = 0.5) -> ManifoldAdam | ShardedManifoldAdam:
-    """ManifoldAdam over ``model.parameters()`` split into orthogonal / decay / no_decay groups."""
+                    lookahead_alpha: float = 0.5, update: str = "fast_exp") -> ManifoldAdam | ShardedManifoldAdam:
+    """ManifoldAdam over ``model.parameters()`` split into orthogonal / decay / no_decay groups;
+    ``update`` picks the rotation of the orthogonal step (fast_exp | exact | cayley)."""
     positional = {id(p) for m in model.modules() if isinstance(m, PositionalEncoding)
                   for p in m.parameters()}
     orthogonal, decay, no_decay = [], [], []
@@ -46,4 +47,4 @@ def build_optimizer(model: nn.Module, lr: float = 1e-3, betas: tuple[float, floa
     cls = ShardedManifoldAdam if sharded else ManifoldAdam
     return cls(groups, lr=lr, betas=betas, weight_decay=weight_decay, nesterov=nesterov,
                orthogonal_lr_scale=orthogonal_lr_scale, lookahead_k=lookahead_k,
-               lookahead_alpha=lookahead_alpha)
+               lookahead_alpha=lookahead_alpha, update=update)

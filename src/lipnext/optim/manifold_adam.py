@@ -9,7 +9,7 @@ For an orthogonal X with Euclidean gradient G, at step t (docs/CORE.md, Optimize
         NAdam: c_m = mu_{t+1} / (1 - mu_1...mu_{t+1}),  c_g = (1 - mu_t) / (1 - mu_1...mu_t),
                mu_t = b1 (1 - 0.5 * 0.96^(t * momentum_decay))   (as torch.optim.NAdam)
     U = -lr_eff (D + wd_o (X - X^T) / 2),  lr_eff = lr * orthogonal_lr_scale
-    X <- X @ FastExp(U)
+    X <- X @ FastExp(U)          (``update``: fast_exp | exact | cayley, see ``updates``)
 
 wd_o (``orthogonal_weight_decay``, 0 by default) is a decoupled pull towards the identity
 (the Riemannian gradient of ||X - I||^2 / 2): ||X||_F is constant on O(n), so shrinking X
@@ -35,8 +35,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ..nn.orthogonal import is_orthogonal
-from .fast_exp import fast_exp
 from .polar import group_by_shape, retract_
+from .updates import UPDATES
 
 __all__ = ["ManifoldAdam", "lie_gradient", "skew"]
 
@@ -94,7 +94,7 @@ class ManifoldAdam(Optimizer):
                  weight_decay: float = 0.0, nesterov: bool = False,
                  orthogonal_lr_scale: float = 0.5, orthogonal_weight_decay: float = 0.0,
                  lookahead_k: int = 0, lookahead_alpha: float = 0.5,
-                 momentum_decay: float = 4e-3):
+                 momentum_decay: float = 4e-3, update: str = "fast_exp"):
         if lr < 0 or eps < 0 or orthogonal_lr_scale < 0 or momentum_decay < 0:
             raise ValueError("lr, eps, orthogonal_lr_scale and momentum_decay must be >= 0")
         if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
@@ -103,13 +103,15 @@ class ManifoldAdam(Optimizer):
             raise ValueError("weight decays must be >= 0")
         if not isinstance(lookahead_k, int) or lookahead_k < 0:
             raise ValueError(f"lookahead_k must be an int >= 0 (0 disables), got {lookahead_k!r}")
+        if update not in UPDATES:
+            raise ValueError(f"update must be one of {', '.join(UPDATES)}, got {update!r}")
         if not 0 < lookahead_alpha <= 1:
             raise ValueError(f"lookahead_alpha must lie in (0, 1], got {lookahead_alpha}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         nesterov=nesterov, momentum_decay=momentum_decay,
                         orthogonal_lr_scale=orthogonal_lr_scale,
                         orthogonal_weight_decay=orthogonal_weight_decay,
-                        lookahead_k=lookahead_k, lookahead_alpha=lookahead_alpha)
+                        lookahead_k=lookahead_k, lookahead_alpha=lookahead_alpha, update=update)
         # (group index, shape, dtype, device) -> (ids of the stacked params, stacked buffers)
         self._stacks: dict[tuple, tuple[tuple[int, ...], dict[str, Tensor]]] = {}
         super().__init__(params, defaults)
@@ -134,6 +136,8 @@ class ManifoldAdam(Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
+        for group in self.param_groups:       # state saved before the update option existed
+            group.setdefault("update", self.defaults["update"])
         self._stacks.clear()
 
     @torch.no_grad()
@@ -215,13 +219,14 @@ class ManifoldAdam(Optimizer):
         if group["orthogonal_weight_decay"]:
             d.add_(skew(x), alpha=group["orthogonal_weight_decay"])
         u = d.mul_(-group["lr"] * group["orthogonal_lr_scale"])
-        x = x @ fast_exp(u)
+        rotation = UPDATES[group["update"]]
+        x = x @ rotation(u)
 
         if k:
             s["lookahead_sum"].add_(u)
             due = _due(s["step"], k).to(x.device)
             if len(due):
-                slow = s["slow"][due] @ fast_exp(group["lookahead_alpha"] * s["lookahead_sum"][due])
+                slow = s["slow"][due] @ rotation(group["lookahead_alpha"] * s["lookahead_sum"][due])
                 s["slow"][due] = slow
                 s["lookahead_sum"][due] = 0
                 x[due] = slow
