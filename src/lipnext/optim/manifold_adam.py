@@ -35,6 +35,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ..nn.orthogonal import is_orthogonal
+from .fast_exp import fast_exp
 from .polar import group_by_shape, retract_
 from .updates import UPDATES
 
@@ -219,7 +220,7 @@ class ManifoldAdam(Optimizer):
         if group["orthogonal_weight_decay"]:
             d.add_(skew(x), alpha=group["orthogonal_weight_decay"])
         u = d.mul_(-group["lr"] * group["orthogonal_lr_scale"])
-        rotation = UPDATES[group["update"]]
+        rotation = fast_exp if group["update"] == "fast_exp" else UPDATES[group["update"]]
         x = x @ rotation(u)
 
         if k:
