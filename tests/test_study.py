@@ -145,3 +145,37 @@ def test_study_runs_end_to_end_and_resumes_after_kill(tmp_path):
     log, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0 and log.count("done, skipped") == 2
     assert (out / "study.md").read_text() == table
+
+
+def test_shards_split_the_runs_and_divergence_is_recorded(tmp_path, monkeypatch):
+    """With a stand-in trainer: --shard I/N runs disjoint parts; a diverged run is kept as failed."""
+    import lipnext
+    import lipnext.engine
+    from lipnext.study import collect, run_study
+
+    calls = []
+
+    def fake_train(cfg):
+        calls.append((Path(cfg.run_dir).parent.name, cfg.train.seed))
+        if cfg.loss.eps_end == 2.0 and cfg.train.seed == 1:
+            raise lipnext.engine.TrainingDiverged("non-finite loss")
+        lipnext.save_model(lipnext.create_model("lipnext_l4w64", in_chans=1, image_size=8, patch_size=2,
+                                                depth=1, width=8), cfg.run_dir)
+        return {"clean_accuracy": 0.5 + cfg.train.seed / 10, "cra": {"0.25": 0.1}, "lipschitz_bound": 1.0,
+                "n": 360, "train_time_s": 1.0}
+
+    monkeypatch.setattr(lipnext.engine, "train", fake_train)
+    study = load_study(_write(tmp_path, {**STUDY, "out": str(tmp_path / "out"), "seeds": 2}))
+    run_study(study, (0, 2), log=lambda _: None)
+    first = list(calls)
+    run_study(study, (1, 2), log=lambda _: None)
+    assert first == [("eps_end=1.0", 0), ("eps_end=2.0", 0)]
+    assert calls[2:] == [("eps_end=1.0", 1), ("eps_end=2.0", 1)]
+    records = run_study(study, log=lambda _: None)          # everything done: nothing runs
+    assert len(calls) == 4
+    assert [r.get("failed", False) for r in records] == [False, False, False, True]
+    rows = summarize(collect(study), [c.name for c in study.cells])
+    assert (rows[0]["n"], rows[1]["n"], rows[1]["failed"]) == (2, 1, 1)
+    assert rows[0]["clean"]["mean"] == pytest.approx(0.55)
+    assert rows[0]["params"] == sum(p.numel() for p in lipnext.load_model(
+        study.run_dir(study.cells[0], 0)).parameters())
