@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 EXTRAS ?= demo,log,test,bench
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-quick bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/lipnext demo
 
+# everything CI can run; prints each test of the slow and distributed groups and the 15 slowest
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not slow and not distributed" --durations=15
+	$(BIN)/python -m pytest -m "slow or distributed" -v --durations=15
+
+# for development: the quick tests only (no slow, no torchrun tests)
+test-quick: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow and not distributed" --durations=10
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_step.py

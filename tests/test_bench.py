@@ -101,3 +101,37 @@ def test_cli_bench_orthogonal_and_user_errors(tmp_path, capsys):
     assert main(["bench", "--models", "lipnext_l8w12", "--out", str(tmp_path)]) == 2
     assert "unknown model" in capsys.readouterr().err
     assert main(["bench", "--models", "lipnext_l4w64", "--dtype", "fp16", "--out", str(tmp_path)]) == 2
+
+
+def test_rows_are_written_as_they_are_measured(tmp_path, monkeypatch):
+    """A benchmark stopped after its first measurement keeps that row on disk."""
+    import lipnext.bench.models as bench_models
+    import lipnext.bench.orthogonal as bench_orth
+    real_time, calls = bench_orth.time_calls, {"n": 0}
+
+    def stop_second(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_time(*a, **k)
+    monkeypatch.setattr(bench_orth, "time_calls", stop_second)
+    with pytest.raises(KeyboardInterrupt):
+        run_orthogonal([8], tmp_path, methods=["fast_exp", "cayley"], steps=1, warmup=0, device="cpu",
+                       log=lambda s: None)
+    data = json.loads((tmp_path / "orthogonal.json").read_text())
+    assert data["complete"] is False and [r["method"] for r in data["results"]] == ["fast_exp"]
+    assert "fast_exp" in (tmp_path / "orthogonal.md").read_text()
+
+    real_measure = bench_models.measure_model
+
+    def stop_after_first(**kw):
+        if kw["name"] != "lipnext_l4w64":
+            raise KeyboardInterrupt
+        return real_measure(**kw)
+    monkeypatch.setattr(bench_models, "measure_model", stop_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        bench_models.run_model_bench(["lipnext_l4w64", "liresnet_l7w64"], tmp_path, batch=2, image_size=8,
+                                     steps=1, warmup=0, device="cpu", isolate=False, log=lambda s: None)
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["complete"] is False and [r["model"] for r in data["results"]] == ["lipnext_l4w64"]
+    assert "lipnext_l4w64" in (tmp_path / "bench.md").read_text()

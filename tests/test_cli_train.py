@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -120,3 +123,103 @@ def test_demo_recipe_is_configs_demo_yaml():
     from_code = load_config(None, DEMO_RECIPE + ["model.name=lipnext_l8w128", "train.epochs=60",
                                                  "run_dir=runs/demo"])
     assert OmegaConf.to_container(from_file) == OmegaConf.to_container(from_code)
+
+
+# ---------------------------------------------------------------- first contact
+def test_configs_ship_with_the_package_and_resolve_by_name(tmp_path, monkeypatch, capsys):
+    from lipnext.config import CONFIG_DIR, packaged_configs
+    assert CONFIG_DIR.is_relative_to(REPO / "src" / "lipnext")
+    assert (REPO / "configs").resolve() == CONFIG_DIR                        # one source of truth
+    assert "cifar10_l32w1024" in packaged_configs() and "demo" in packaged_configs()
+    monkeypatch.chdir(tmp_path)                                              # no configs/ here
+    for name in ("cifar10_l32w1024", "cifar10_l32w1024.yaml"):
+        assert main(["train", "--config", name, "--print-config"]) == 0
+        assert OmegaConf.create(capsys.readouterr().out).model.name == "lipnext_l32w1024"
+    assert main(["train", "--config", "cifar10_l32w999"]) == 2
+    err = capsys.readouterr().err
+    assert "no packaged config of that name" in err and "cifar10_l32w1024" in err
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert 'lipnext = ["configs/*.yaml"]' in pyproject                       # installed as package data
+
+
+def test_train_on_all_the_data_then_certify_elsewhere(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--run-dir", str(run), "data.holdout=0", "data.val_fraction=0", *SMALL]) == 0
+    out = capsys.readouterr().out
+    assert "no test split was certified" in out and f"lipnext certify {run} --data SPEC" in out
+    assert main(["certify", str(run), "--data", "digits", "--holdout", "300"]) == 0
+    assert "clean accuracy" in capsys.readouterr().out
+
+
+def test_small_user_errors(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--run-dir", str(run), *SMALL]) == 0
+    capsys.readouterr()
+    for args, msg in [(["--batch-size", "0"], "--batch-size must be >= 1"),
+                      (["--limit", "0"], "--limit must be >= 1")]:
+        assert main(["certify", str(run), *args]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err
+    for override, msg in [("optim.lr=-1", "optim.lr must be > 0"),
+                          ("train.time_limit_min=-1", "time_limit_min must be > 0"),
+                          ("optim.warmup_epochs=20", "more than half of train.epochs=10")]:
+        assert main(["train", override]) == 2
+        assert msg in capsys.readouterr().err
+
+
+def test_ctrl_c_prints_how_to_resume(tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+
+    import lipnext.engine as engine
+    real = engine.train
+
+    def interrupted_train(cfg):
+        def hook(step, loss):
+            if step == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+            return loss
+        return real(cfg, loss_hook=hook)
+
+    monkeypatch.setattr(engine, "train", interrupted_train)
+    run = tmp_path / "run"
+    assert main(["train", "--run-dir", str(run), *SMALL]) == 130
+    out = capsys.readouterr().out
+    assert "SIGINT: stopped at step 3 of 10; checkpoint" in out
+    last = out.rstrip().splitlines()[-1]
+    assert "continue with:\n  lipnext train " in out and f"run_dir={run}" in last and last.endswith(" --resume")
+    monkeypatch.setattr(engine, "train", real)
+    assert main(["train", "--run-dir", str(run), *SMALL, "--resume"]) == 0
+    assert "resumed from step 3 of 10" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("missing,command", [
+    ("sklearn", ["demo", "--epochs", "1"]), ("matplotlib", ["demo", "--epochs", "1"]),
+    ("sklearn", ["train"])])
+def test_a_missing_extra_is_a_one_line_error(tmp_path, monkeypatch, capsys, missing, command):
+    """Simulate a core-only install: the optional module cannot be imported."""
+    for name in [m for m in sys.modules if m == missing or m.startswith(missing + ".")] + [missing]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.chdir(tmp_path)
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    package = {"sklearn": "scikit-learn"}.get(missing, missing)
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"needs {package}, which is not installed: pip install 'lipnext[demo]'" in err
+    assert not (tmp_path / "runs").exists()                                 # failed before training
+
+
+def test_help_does_not_import_torch():
+    code = ("import runpy, sys\n"
+            "for argv in (['--help'], ['train', '--help'], ['certify', '--help'], ['demo', '--help']):\n"
+            "    sys.argv = ['lipnext', *argv]\n"
+            "    try:\n"
+            "        runpy.run_module('lipnext.cli', run_name='__main__')\n"
+            "    except SystemExit:\n"
+            "        pass\n"
+            "    assert 'torch' not in sys.modules, argv\n"
+            "print('no torch')\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.rstrip().endswith("no torch") and "usage: lipnext" in p.stdout

@@ -240,3 +240,21 @@ def test_augment_crop_flip_cutout():
     assert out[0, :, 0].eq(1).all()
     with pytest.raises(ValueError, match="pad_mode"):
         Augment(pad_mode="circular")
+
+
+def test_bad_holdout_and_unscaled_pixels(tmp_path):
+    import warnings
+
+    from lipnext.data import ArrayDataset
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.zeros((20, 8, 8, 3), np.uint8), y=np.arange(20) % 2)
+    for bad in (-5, 1.5):
+        with pytest.raises(ValueError, match=f"holdout is the number of images .* got {bad}"):
+            get_dataset(str(path), "train", holdout=bad)
+    x = torch.zeros(2, 1, 4, 4)
+    x[0, 0, 0, 0] = 255.0
+    with pytest.warns(UserWarning, match=r"inputs lie in \[0, 255\], far outside \[0, 1\].*divide"):
+        ArrayDataset(x, torch.zeros(2, dtype=torch.long), 2, (0.5,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ArrayDataset(torch.rand(2, 1, 4, 4), torch.zeros(2, dtype=torch.long), 2, (0.5,))

@@ -57,3 +57,24 @@ def test_weights_of_another_model_are_refused(tmp_path, key, value):
     save_file(tensors, str(tmp_path / "b.safetensors"), metadata=meta)
     with pytest.raises(ValueError, match="does not match"):
         lipnext.load_model(tmp_path / "b.safetensors")
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_written_files_respect_the_umask(tmp_path, umask, mode):
+    """Weights, results and plots are readable by others on a shared machine (not mkstemp's 0600)."""
+    import os
+    from pathlib import Path
+
+    from lipnext.engine import save_checkpoint
+    from lipnext.io import atomic_write
+    from lipnext.optim import build_optimizer
+    model = make()
+    old = os.umask(umask)
+    try:
+        files = [lipnext.save_model(model, tmp_path / "run"),
+                 atomic_write(tmp_path / "r.json", lambda p: Path(p).write_text("{}"))]
+        ckpt = save_checkpoint(tmp_path / "run", 1, model, build_optimizer(model).state_dict(), {})
+    finally:
+        os.umask(old)
+    files += sorted(ckpt.iterdir())
+    assert len(files) == 5 and [f.stat().st_mode & 0o777 for f in files] == [mode] * 5

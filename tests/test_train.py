@@ -3,16 +3,19 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from lipnext.config import load_config
+from lipnext.config import load_config, warmup_epochs
 from lipnext.engine import TrainingDiverged, latest_checkpoint, list_checkpoints, load_checkpoint, \
     lr_factor, read_metrics, train
 from lipnext.engine import checkpoint as ckpt_mod
 from lipnext.engine.batches import BatchPlan
+from lipnext.losses import eps_schedule
 from lipnext.models import create_model
 from lipnext.optim import build_optimizer
 
@@ -143,8 +146,8 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
         train(cfg(tmp_path, "resume=true", "model.kwargs.width=16"))
     with pytest.raises(ValueError, match="already has checkpoints"):
         train(cfg(tmp_path))
-    with pytest.raises(ValueError, match="steps"):
-        train(cfg(tmp_path, "resume=true", "train.epochs=3"))
+    with pytest.raises(ValueError, match="10 steps per epoch, this config gives 20; keep train.batch_size"):
+        train(cfg(tmp_path, "resume=true", "train.batch_size=64"))
 
 
 def test_keep_last_n(tmp_path):
@@ -224,3 +227,95 @@ def test_incomplete_checkpoint_folders_are_ignored(tmp_path):
     assert names == ["step_00000004", "step_00000007", "step_00000010", "step_00000014", "step_00000020"]
     assert json.loads((partial / "state.json").read_text())["step"] == 7   # rewritten whole
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith((".del-", ".tmp-"))]
+
+
+# ---------------------------------------------------------------- first contact
+def test_warmup_scales_with_the_run_or_is_refused():
+    c = load_config(None, ["model.name=lipnext_l4w64", "train.epochs=6"])     # the walkthrough's run
+    assert c.optim.warmup_epochs is None and warmup_epochs(c) == pytest.approx(0.3)
+    assert warmup_epochs(load_config(None, ["train.epochs=800"])) == 20     # the paper's 20 of 800
+    assert warmup_epochs(load_config(None, ["train.epochs=60"])) == 3       # the demo's 3 of 60
+    with pytest.raises(ValueError, match=r"optim.warmup_epochs=20 is more than half of train.epochs=6"
+                                         r".*optim.warmup_epochs=null.*0.3 epochs"):
+        load_config(None, ["train.epochs=6", "optim.warmup_epochs=20"])
+    with pytest.raises(ValueError, match="negative"):
+        load_config(None, ["optim.warmup_epochs=-1"])
+
+
+def test_bad_numbers_are_refused():
+    with pytest.raises(ValueError, match="optim.lr must be > 0"):
+        load_config(None, ["optim.lr=-1"])
+    with pytest.raises(ValueError, match="time_limit_min must be > 0"):
+        load_config(None, ["train.time_limit_min=-5"])
+
+
+def test_banner_at_start_and_on_resume(tmp_path, capsys):
+    train(cfg(tmp_path, "train.stop_at_step=13"))
+    out = capsys.readouterr().out
+    assert "lipnext_l4w64" in out and "images: train 1,293, val 144, test 360" in out
+    assert "steps: 10 per epoch (global batch 128) x 2 epochs = 20, warm-up 5" in out
+    assert f"run folder: {tmp_path / 'run'}" in out and "resumed" not in out
+    train(cfg(tmp_path, "resume=true"))
+    assert "resumed from step 13 of 20 (epoch 1.3; " in capsys.readouterr().out
+
+
+def test_training_on_all_the_data_ends_cleanly(tmp_path, capsys):
+    """holdout=0 and val_fraction=0: no split to certify; the weights are saved, no traceback."""
+    res = train(cfg(tmp_path, "data.holdout=0", "data.val_fraction=0", "train.epochs=1"))
+    out = capsys.readouterr().out
+    assert "images: train 1,797, no val split, no test split" in out
+    assert "no test split was certified" in out and f"lipnext certify {tmp_path / 'run'} --data" in out
+    assert res["split"] is None and res["steps"] == 14
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["certified"] is False
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+    res = train(cfg(tmp_path, "certify.split=none", "train.epochs=1", name="none"))
+    assert res["split"] is None and "no test split was certified (certify.split=none)" in capsys.readouterr().out
+
+
+def kill_at(step, signum):
+    def hook(s, loss):
+        if s == step:
+            os.kill(os.getpid(), signum)
+        return loss
+    return hook
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_checkpoints_and_the_resumed_run_is_exact(tmp_path, capsys, signum):
+    train(cfg(tmp_path, "train.eval_every=0", name="full"))
+    handler = signal.getsignal(signum)
+    out = train(cfg(tmp_path, "train.eval_every=0", name="cut"), loss_hook=kill_at(6, signum))
+    assert signal.getsignal(signum) is handler                        # the handler is restored
+    name = signal.Signals(signum).name
+    assert out == {"interrupted": True, "step": 7, "signal": name}   # step 6 completes first
+    assert latest_checkpoint(tmp_path / "cut").name == "step_00000007"
+    assert f"{name}: stopped at step 7 of 20; checkpoint" in capsys.readouterr().out
+    train(cfg(tmp_path, "resume=true", "train.eval_every=0", name="cut"))
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_extending_a_finished_run(tmp_path, capsys):
+    """train.epochs=3 on a finished 2-epoch run: steps 21-30 follow the schedules of a 3-epoch
+    run; the extension itself resumes exactly."""
+    train(cfg(tmp_path, "train.eval_every=0", name="a"))
+    before = losses(tmp_path / "a")
+    res = train(cfg(tmp_path, "resume=true", "train.epochs=3", "train.eval_every=0", name="a"))
+    assert "the run had 20 steps (2 epochs), it now has 30" in capsys.readouterr().out
+    recs = [r for r in read_metrics(tmp_path / "a" / "metrics.jsonl") if r["kind"] == "train"]
+    assert [r["step"] for r in recs] == list(range(1, 31)) and losses(tmp_path / "a")[:20] == before
+    w = round(warmup_epochs(load_config(None, TINY + ["train.epochs=3"])) * 10)
+    assert recs[20]["lr"] == pytest.approx(1e-3 * lr_factor(20, 30, w))
+    assert recs[20]["eps"] == pytest.approx(eps_schedule(20 / 30, 36 / 255, 0.1, 3.0, 0.5))
+    assert (res["epochs"], res["steps"], res["total_steps"]) == (3, 30, 30)
+    assert load_config(tmp_path / "a" / "config.yaml").train.epochs == 3
+    # the same extension, interrupted at step 25 and resumed: the same run
+    train(cfg(tmp_path, "train.eval_every=0", name="b"))
+    train(cfg(tmp_path, "resume=true", "train.epochs=3", "train.eval_every=0", "train.stop_at_step=25", name="b"))
+    train(cfg(tmp_path, "resume=true", "train.epochs=3", "train.eval_every=0", name="b"))
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match=r"at step 30, beyond the 10 steps of train.epochs=1; set train.epochs >= 3"):
+        train(cfg(tmp_path, "resume=true", "train.epochs=1", name="b"))

@@ -7,8 +7,10 @@ import importlib
 import sys
 
 from . import __version__
+from .extras import missing_extra
 
-# Subcommand modules, in the order `lipnext --help` lists them.
+# Subcommand modules, in the order `lipnext --help` lists them. A module imports nothing
+# heavy (torch) at import time: `lipnext --help` stays fast.
 COMMANDS = ["demo", "train", "certify", "verify", "models", "bench", "study"]
 
 # A user's mistake (bad path, shape, key, value) is reported in one line, no traceback.
@@ -35,6 +37,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"lipnext {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except ImportError as e:             # an optional dependency: name the extra
+        msg = missing_extra(e)
+        if msg is None or args.debug:
+            raise
         print(f"lipnext {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 __all__ = ["Config", "DataConfig", "AugmentConfig", "ModelConfig", "OptimConfig", "LossConfig",
            "TrainConfig", "CertifyConfig", "DistConfig", "load_config", "to_yaml", "config_from_dict",
-           "dataset_options"]
+           "dataset_options", "warmup_epochs", "resolve_config_path", "packaged_configs"]
 
 
 @dataclass
@@ -58,7 +58,8 @@ class OptimConfig:
     lookahead_k: int = 5                 # manifold Lookahead every k steps (0 = off)
     lookahead_alpha: float = 0.5
     grad_clip: float = 3.0               # max global gradient norm (0 = off)
-    warmup_epochs: float = 20.0          # linear warm-up, then cosine decay to min_lr
+    warmup_epochs: Optional[float] = None  # linear warm-up, then cosine decay to min_lr;
+    #                                      None: 5% of train.epochs, at most 20 (warmup_epochs())
     min_lr: float = 0.0
 
 
@@ -104,7 +105,7 @@ class CertifyConfig:
     radii: List[float] = field(default_factory=lambda: [36.0, 72.0, 108.0, 255.0])
     radius_unit: float = 255.0           # radii are radii[i] / radius_unit (1 = plain L2 radii)
     batch_size: int = 512
-    split: str = "test"                  # split certified at the end of training
+    split: str = "test"                  # split certified at the end of training (none: skip)
 
 
 @dataclass
@@ -130,7 +131,7 @@ class Config:
 _CHOICES = {"loss.name": ("emma", "margin", "ce"), "train.precision": ("auto", "bf16", "fp32"),
             "train.retraction": ("svd", "newton_schulz", "none"),
             "optim.update": ("fast_exp", "exact", "cayley"), "train.on_nan": ("stop", "rollback"),
-            "certify.rule": ("pairwise", "sqrt2"), "certify.split": ("train", "val", "test"),
+            "certify.rule": ("pairwise", "sqrt2"), "certify.split": ("train", "val", "test", "none"),
             "dist.strategy": ("auto", "none", "ddp", "fsdp"),
             "dist.backend": ("auto", "nccl", "gloo"), "augment.pad_mode": ("reflect", "zeros")}
 
@@ -154,7 +155,27 @@ def _check(cfg: Config) -> Config:
         raise ValueError(f"loss.temperature must be > 0, got {cfg.loss.temperature}")
     if cfg.loss.lipschitz_every < 1 or cfg.train.log_every < 1:
         raise ValueError("loss.lipschitz_every and train.log_every must be >= 1")
+    if not cfg.optim.lr > 0 or cfg.optim.min_lr < 0:
+        raise ValueError(f"optim.lr must be > 0 and optim.min_lr >= 0, got {cfg.optim.lr:g} and "
+                         f"{cfg.optim.min_lr:g}")
+    if cfg.train.time_limit_min is not None and not cfg.train.time_limit_min > 0:
+        raise ValueError(f"train.time_limit_min must be > 0 minutes (or null: no limit), "
+                         f"got {cfg.train.time_limit_min:g}")
+    w, epochs = cfg.optim.warmup_epochs, cfg.train.epochs
+    if w is not None and not 0 <= w <= epochs / 2:
+        raise ValueError(f"optim.warmup_epochs={w:g} is {'negative' if w < 0 else 'more than half of'} "
+                         f"train.epochs={epochs}: the learning rate would spend the run ramping up "
+                         f"and the model would stay near chance. Set optim.warmup_epochs=null for the "
+                         f"automatic warm-up (5% of the run, here {warmup_epochs(cfg):g} epochs) or a "
+                         f"value in [0, {epochs / 2:g}]")
     return cfg
+
+
+def warmup_epochs(cfg: Config) -> float:
+    """optim.warmup_epochs, or by default 5% of train.epochs, at most 20 (the paper's 20 of
+    800 epochs; 3 of the demo's 60)."""
+    w = cfg.optim.warmup_epochs
+    return min(20.0, cfg.train.epochs / 20) if w is None else float(w)
 
 
 def _merge(*parts) -> Config:
@@ -168,13 +189,34 @@ def _merge(*parts) -> Config:
     return _check(merged)  # type: ignore[arg-type]
 
 
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"   # shipped with the package
+
+
+def packaged_configs() -> list[str]:
+    """Names of the configs shipped with lipnext (``--config NAME`` finds them)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config file: ``path`` itself if it exists, else a packaged config named ``path``
+    (``cifar10_l32w1024`` or ``cifar10_l32w1024.yaml``)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if p.parent == Path("."):
+        packaged = CONFIG_DIR / (p.name if p.suffix == ".yaml" else f"{p.name}.yaml")
+        if packaged.is_file():
+            return packaged
+    raise FileNotFoundError(f"no config file at {p}, and no packaged config of that name; "
+                            f"packaged: {', '.join(packaged_configs())}")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Schema defaults <- YAML file <- dotted overrides ``key=value``; validated."""
+    """Schema defaults <- YAML file (a path or a packaged config's name) <- dotted overrides
+    ``key=value``; validated."""
     parts: list[Any] = []
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no config file at {path} (see configs/*.yaml)")
+        path = resolve_config_path(path)
         try:
             parts.append(OmegaConf.load(path))
         except Exception as e:  # YAML syntax errors

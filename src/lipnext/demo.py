@@ -9,9 +9,10 @@ certified, and written to a run folder (weights, config, metrics, results, plot)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from .config import Config, load_config
-from .engine import train
+if TYPE_CHECKING:
+    from .config import Config
 
 __all__ = ["DemoConfig", "DEMO_RECIPE", "demo_config", "run_demo", "print_results"]
 
@@ -19,7 +20,7 @@ __all__ = ["DemoConfig", "DEMO_RECIPE", "demo_config", "run_demo", "print_result
 DEMO_RECIPE = [
     "data.name=digits", "data.holdout=360", "data.val_fraction=0.0",
     "augment.crop_padding=1", "augment.pad_mode=zeros", "augment.flip=false",
-    "model.kwargs={patch_size: 2}", "optim.lr=5e-3", "optim.warmup_epochs=3",
+    "model.kwargs={patch_size: 2}", "optim.lr=5e-3",
     "loss.name=emma", "loss.eps_255=63.75", "train.batch_size=64", "train.eval_every=0",
     "train.checkpoint=false", "train.log_every=10", "certify.radii=[0.25, 0.5, 0.75]",
     "certify.radius_unit=1",
@@ -36,6 +37,8 @@ class DemoConfig:
 
 def demo_config(cfg: DemoConfig, progress: bool = True) -> Config:
     """The engine config of the demo."""
+    from .config import load_config
+
     return load_config(None, DEMO_RECIPE + [
         f"model.name={cfg.model}", f"train.epochs={cfg.epochs}", f"train.seed={cfg.seed}",
         f"run_dir={cfg.out}", f"train.progress={str(progress).lower()}"])
@@ -43,6 +46,8 @@ def demo_config(cfg: DemoConfig, progress: bool = True) -> Config:
 
 def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     """Train, retract, certify; write the run folder; return the results dict."""
+    from .engine import train
+
     return train(demo_config(cfg, progress))
 
 

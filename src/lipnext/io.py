@@ -18,20 +18,29 @@ from safetensors.torch import load_file, save_file
 from .models.base import CertifiableModel
 from .models.registry import build_from_config
 
-__all__ = ["save_model", "load_model", "atomic_write", "WEIGHTS_NAME", "FORMAT_VERSION"]
+__all__ = ["save_model", "load_model", "atomic_write", "file_mode", "WEIGHTS_NAME", "FORMAT_VERSION"]
 
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = "1"
 
 
+def file_mode() -> int:
+    """The mode of a newly created file under the current umask (0644 under umask 022)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path: str | os.PathLike, write) -> Path:
-    """Call ``write(tmp_path)`` then atomically rename tmp_path to ``path``."""
+    """Call ``write(tmp_path)`` then atomically rename tmp_path to ``path``. The file gets the
+    mode of any newly created file (0666 minus the umask), not mkstemp's private 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, file_mode())               # after: some writers (safetensors) make it 0600
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -36,23 +36,28 @@ def format_table(results: dict[str, Any]) -> str:
 
 
 def plot_certified_accuracy(cert: Certificate, path: str | Path, title: str = "",
-                            marks: Sequence[float] = ()) -> Path:
-    """Certified accuracy as a function of the radius eps, saved as an image."""
+                            marks: Sequence[float] = (), mark_labels: Sequence[str] | None = None) -> Path:
+    """Certified accuracy as a function of the radius eps, saved as an image; each radius in
+    ``marks`` is a dotted line labelled with ``mark_labels`` (default: its value) and its CRA."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     r = cert.radius[cert.correct].double().sort().values
     n = len(cert)
-    top = float(r.max()) * 1.05 if r.numel() else 1.0
+    top = max([float(r.max()) if r.numel() else 0.0, *marks]) * 1.05 or 1.0
     grid = torch.linspace(0, top, 400, dtype=torch.float64)
     acc = [(r > e).sum().item() / n for e in grid]
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
     ax.plot(grid.numpy(), acc, lw=2)
-    for e in marks:
+    labels = list(mark_labels) if mark_labels is not None else [f"{e:g}" for e in marks]
+    for e, label in zip(marks, labels):
         ax.axvline(e, color="grey", ls=":", lw=1)
-    ax.set(xlabel="L2 radius eps", ylabel="certified accuracy", ylim=(0, 1), xlim=(0, top),
-           title=title or f"certified accuracy (L = {cert.lipschitz:.4f}, {cert.rule})")
+        ax.annotate(f"{label}: {100 * cert.cra(float(e)):.1f}%", (e, 0.98), rotation=90,
+                    ha="right", va="top", fontsize=7, color="dimgrey")
+    ax.set(xlabel="L2 radius eps", ylabel="certified accuracy", ylim=(0, 1), xlim=(0, top))
+    ax.set_title(f"{title}\nL = {cert.lipschitz:.4f}, rule {cert.rule}" if title else
+                 f"certified accuracy (L = {cert.lipschitz:.4f}, {cert.rule})", fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(path)

@@ -142,7 +142,8 @@ def run_model_bench(models: Sequence[str], out_dir: str | Path, batch: int = 128
                     peak_tflops: float | None = None, threads: int | None = None,
                     isolate: bool = True,
                     log: Callable[[str], None] = lambda s: print(s, flush=True)) -> str:
-    """Measure every model at every dtype; write bench.json, bench.md, bench.png."""
+    """Measure every model at every dtype; write bench.json and bench.md after each row (so an
+    interrupted run keeps what it measured; ``"complete": false`` until the last), then bench.png."""
     from ..models import model_entry
     for m in models:
         model_entry(m)                     # unknown names fail before any measurement
@@ -150,7 +151,19 @@ def run_model_bench(models: Sequence[str], out_dir: str | Path, batch: int = 128
         if d not in DTYPES:
             raise ValueError(f"unknown dtype {d!r}; use fp32 or bf16")
     ctx = mp.get_context("spawn")
-    results = []
+    results: list[dict[str, Any]] = []
+    out = Path(out_dir)
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
+            "steps": steps, "warmup": warmup}
+
+    def write(complete: bool) -> str:
+        add_ratios(results)
+        md = bench_table(results)
+        payload = json.dumps({**meta, "complete": complete, "results": results}, indent=2)
+        atomic_write(out / "bench.json", lambda p: Path(p).write_text(payload))
+        atomic_write(out / "bench.md", lambda p: Path(p).write_text(md))
+        return md
+
     for d in dtypes:
         for m in models:
             kwargs = dict(name=m, batch=batch, image_size=image_size, num_classes=num_classes,
@@ -164,13 +177,8 @@ def run_model_bench(models: Sequence[str], out_dir: str | Path, batch: int = 128
             results.append(r)
             log(f"{m} {d}: step {1e3 * r['step_s']:.1f} ms, {r['throughput']:.0f} img/s, "
                 f"peak {r['peak_mem_bytes'] / 2**20:.0f} MiB")
-    add_ratios(results)
-    md = bench_table(results)
-    out = Path(out_dir)
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
-            "steps": steps, "warmup": warmup, "results": results}
-    atomic_write(out / "bench.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
-    atomic_write(out / "bench.md", lambda p: Path(p).write_text(md))
+            write(complete=False)
+    md = write(complete=True)
     _plot(results, out / "bench.png")
     return md
 

@@ -147,7 +147,8 @@ def orthogonal_step(method: str, c: int, device: torch.device) -> Method:
 def run_orthogonal(sizes: Sequence[int], out_dir: str | Path, methods: Sequence[str] | None = None,
                    steps: int = 5, warmup: int = 2, device: str = "auto",
                    log: Callable[[str], None] = lambda s: print(s, flush=True)) -> str:
-    """Time every method at every size; write orthogonal.json / orthogonal.md; return the table."""
+    """Time every method at every size; write orthogonal.json / orthogonal.md after each row (an
+    interrupted run keeps what it measured; ``"complete": false`` until the last); return the table."""
     dev = resolve_device(device)
     methods = list(methods or METHODS)
     for m in methods:
@@ -156,6 +157,21 @@ def run_orthogonal(sizes: Sequence[int], out_dir: str | Path, methods: Sequence[
     if min(sizes) < 2:
         raise ValueError(f"sizes must be >= 2, got {list(sizes)}")
     rows: list[dict[str, Any]] = []
+    out = Path(out_dir)
+    meta = {"device": str(dev), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "steps": steps, "warmup": warmup, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+    def write(complete: bool) -> str:
+        ref = {r["C"]: r["seconds"] for r in rows if r["method"] == "lipnext_manifold_adam" and "seconds" in r}
+        for r in rows:
+            if "seconds" in r and r["C"] in ref:
+                r["x_lipnext"] = r["seconds"] / ref[r["C"]]
+        md = orthogonal_table(rows, sizes)
+        payload = json.dumps({**meta, "complete": complete, "results": rows}, indent=2)
+        atomic_write(out / "orthogonal.json", lambda p: Path(p).write_text(payload))
+        atomic_write(out / "orthogonal.md", lambda p: Path(p).write_text(md))
+        return md
+
     for c in sizes:
         for m in methods:
             try:
@@ -167,17 +183,8 @@ def run_orthogonal(sizes: Sequence[int], out_dir: str | Path, methods: Sequence[
             times = time_calls(fn, steps, warmup, dev)
             rows.append({"method": m, "C": c, "seconds": median(times), "runs": len(times)})
             log(f"{m} C={c}: {1e3 * median(times):.2f} ms")
-    ref = {r["C"]: r["seconds"] for r in rows if r["method"] == "lipnext_manifold_adam" and "seconds" in r}
-    for r in rows:
-        if "seconds" in r and r["C"] in ref:
-            r["x_lipnext"] = r["seconds"] / ref[r["C"]]
-    md = orthogonal_table(rows, sizes)
-    out = Path(out_dir)
-    meta = {"device": str(dev), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "steps": steps, "warmup": warmup,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "results": rows}
-    atomic_write(out / "orthogonal.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
-    atomic_write(out / "orthogonal.md", lambda p: Path(p).write_text(md))
+            write(complete=False)
+    md = write(complete=True)
     _plot(rows, sizes, out / "orthogonal.png")
     return md
 

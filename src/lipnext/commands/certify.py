@@ -35,6 +35,10 @@ def run(args: argparse.Namespace) -> int:
     from ..engine.trainer import radius_label
     from ..report import format_table, plot_certified_accuracy, results_dict, write_json
 
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1 (leave it out to certify every image), got {args.limit}")
     t = load_target(args, "certify")
     target, model, ds, data, radii, unit = t.path, t.model, t.dataset, t.data, t.radii, t.unit
     cert = certify_dataset(model, ds, args.rule, args.batch_size, args.limit)
@@ -45,5 +49,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         write_json(res, args.out)
     if args.plot:
-        plot_certified_accuracy(cert, args.plot, marks=[r / unit for r in radii])
+        plot_certified_accuracy(cert, args.plot, marks=[r / unit for r in radii],
+                                mark_labels=[radius_label(r, unit) for r in radii],
+                                title=f"{target.name} on {data} ({args.split}, {len(cert)} images)")
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ..demo import DemoConfig, print_results, run_demo
+from ..extras import require
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -13,6 +14,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=d.epochs, help=f"training epochs (default {d.epochs})")
     p.add_argument("--model", default=d.model, help=f"named model (default {d.model})")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's); the figures depend on it, see docs/RESULTS.md")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -20,6 +23,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.epochs < 1:
         raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    require("sklearn", "lipnext demo (its digits data)")
+    require("matplotlib", "lipnext demo (its plot)")
+    if args.threads is not None:
+        import torch
+        torch.set_num_threads(args.threads)
     cfg = DemoConfig(out=args.out, epochs=args.epochs, model=args.model, seed=args.seed)
     results = run_demo(cfg, progress=not args.quiet)
     print_results(results, cfg.out)

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import argparse
 
-from ..models import list_models, model_entry
-
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the named model configurations")
@@ -13,6 +11,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..models import list_models, model_entry
+
     names = list_models(args.pattern)
     width = max((len(n) for n in names), default=0)
     for name in names:

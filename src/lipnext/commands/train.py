@@ -6,6 +6,7 @@ Run it as is on one CPU or GPU, or under torchrun for several processes/nodes:
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 
@@ -40,5 +41,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"lipnext train: training diverged: {e}", file=sys.stderr)
         return 1
     if result.get("interrupted"):
-        print(f"stopped at step {result['step']} (train.stop_at_step); continue with --resume")
+        why = result.get("signal", "train.stop_at_step")
+        again = ["lipnext", "train", *(["--config", args.config] if args.config else []),
+                 *[o for o in overrides if o != "resume=true" and not o.startswith("train.stop_at_step=")],
+                 "--resume"]
+        if cfg.train.checkpoint:
+            print(f"stopped at step {result['step']} ({why}); continue with:\n  {shlex.join(again)}")
+        return 130 if "signal" in result else 0
     return 0

@@ -7,6 +7,8 @@ selection) and ``test`` (official test files, or the last ``holdout`` images).
 """
 from __future__ import annotations
 
+import numbers
+
 from .augment import Augment
 from .base import SPLITS, ArrayDataset, check_split, split_indices
 from .cifar import load_cifar
@@ -48,6 +50,9 @@ def get_dataset(spec: str, split: str = "train", holdout: int | None = None,
     """
     check_split(split)
     kind, path = parse_spec(spec)
+    if holdout is not None and (not isinstance(holdout, numbers.Integral) or holdout < 0):
+        raise ValueError(f"holdout is the number of images held out as the test split: an "
+                         f"integer >= 0, got {holdout!r}")
     if holdout is not None and kind not in ("digits", "npz"):
         raise ValueError(f"{kind} has an official test split; holdout applies to digits and npz only")
     vf = {} if val_fraction is None else {"val_fraction": val_fraction}

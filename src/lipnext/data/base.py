@@ -85,6 +85,9 @@ class ArrayDataset:
         if len(self.mean) != self.in_chans:
             raise ValueError(f"{self.name}: mean has {len(self.mean)} entries for "
                              f"{self.in_chans} channels")
+        if self.x.is_floating_point() and self.x.numel():
+            from ..models.base import check_pixel_range
+            check_pixel_range(*(float(v) for v in torch.aminmax(self.x)))
 
     @property
     def in_chans(self) -> int:

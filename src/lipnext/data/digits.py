@@ -13,12 +13,9 @@ DIGITS_HOLDOUT = 360  # default test split: the last 360 images (20%)
 
 def load_digits() -> tuple[torch.Tensor, torch.Tensor]:
     """x (1797, 1, 8, 8) float32 in [0, 1] (grey levels 0..16 / 16), y (1797,) int64."""
-    try:
-        from sklearn.datasets import load_digits as _load
-    except ImportError as e:
-        raise ImportError("the digits dataset ships with scikit-learn: "
-                          "pip install 'lipnext[demo]' (or scikit-learn)") from e
-    d = _load()
+    from ..extras import require
+
+    d = require("sklearn.datasets", "the digits dataset").load_digits()
     x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
     return x, torch.tensor(d.target, dtype=torch.int64)
 

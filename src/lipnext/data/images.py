@@ -11,11 +11,9 @@ IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 
 
 def _pil():
-    try:
-        from PIL import Image
-    except ImportError as e:
-        raise ImportError("decoding image folders needs Pillow: pip install 'lipnext[imagenet]'") from e
-    return Image
+    from ..extras import require
+
+    return require("PIL.Image", "decoding image folders")
 
 
 def decode_image(path: str | Path, size: int | None = None, resize: int | None = None) -> np.ndarray:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..io import read_metadata, save_model
+from ..io import file_mode, read_metadata, save_model
 from .distributed import load_full_state_dict
 
 __all__ = ["save_checkpoint", "load_checkpoint", "list_checkpoints", "latest_checkpoint",
@@ -117,6 +117,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module,
     save_model(model, tmp / "model.safetensors", model_state)
     save_file({**opt_tensors, **rng_tensors()}, str(tmp / "optimizer.safetensors"))
     (tmp / "state.json").write_text(json.dumps({**state, "step": step, "optimizer": opt_meta}, indent=1))
+    os.chmod(tmp / "optimizer.safetensors", file_mode())   # safetensors writes 0600
     for f in ("optimizer.safetensors", "state.json"):
         _fsync(tmp / f)
     if final.exists():          # the same step written again (e.g. after a rollback)

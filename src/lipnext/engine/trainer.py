@@ -29,7 +29,7 @@ from omegaconf import OmegaConf
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from ..config import Config, dataset_options, load_config, to_yaml
+from ..config import Config, dataset_options, load_config, to_yaml, warmup_epochs
 from ..data import Augment, get_dataset, parse_spec
 from ..io import atomic_write, save_model
 from ..losses import LOSSES, eps_schedule
@@ -45,6 +45,7 @@ from .distributed import DistInfo, all_true, barrier, full_state_dict, is_sharde
     unsharded, wrap_model
 from .metrics import MetricsLog
 from .schedule import lr_factor
+from .signals import StopOnSignal
 
 __all__ = ["train", "Trainer", "TrainingDiverged"]
 
@@ -59,7 +60,8 @@ def train(cfg: Config | None = None, loss_hook: LossHook | None = None) -> dict[
     """Run the training described by ``cfg`` (single process, or one rank under torchrun).
 
     Returns the final results dict (on every rank), or ``{"interrupted": True, "step": s}``
-    when ``train.stop_at_step`` stopped it. ``loss_hook(step, loss) -> loss`` is a test hook.
+    when ``train.stop_at_step`` stopped it (with ``"signal": "SIGINT"`` or ``"SIGTERM"`` when
+    a signal did; a checkpoint is written first). ``loss_hook(step, loss) -> loss`` is a test hook.
     """
     cfg = cfg if cfg is not None else load_config()
     created = not dist.is_initialized()
@@ -135,7 +137,7 @@ class Trainer:
                               cfg.data.generated_fraction, info.world_size, info.rank)
         self.steps_per_epoch = self.plan.steps_per_epoch
         self.total_steps = t.epochs * self.steps_per_epoch
-        self.warmup_steps = int(round(cfg.optim.warmup_epochs * self.steps_per_epoch))
+        self.warmup_steps = int(round(warmup_epochs(cfg) * self.steps_per_epoch))
         self.augment = Augment(**OmegaConf.to_container(cfg.augment))
         if not self.streaming:
             self.x_train, self.y_train = ds.x.to(device), ds.y.to(device)
@@ -147,13 +149,43 @@ class Trainer:
         self.step, self.lr_scale, self.rollbacks, self.elapsed = 0, 1.0, 0, 0.0
         self.lipschitz: float | None = None
         self.stopped_early: int | None = None
+        self._datasets = {"train": self.train_ds, "val": self.val_ds}
         resume_step = self._maybe_resume()
         if info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write(self.run_dir / "config.yaml", lambda p: Path(p).write_text(to_yaml(cfg)))
+            print(self._banner(), flush=True)
         self.log = MetricsLog(self.run_dir, info.is_main, t.tensorboard, resume_step)
         if t.compile:
             self.forward = torch.compile(self.forward)
+
+    def _dataset(self, split: str):
+        """The ``split`` of the run's data (loaded once; ValueError if the data has none)."""
+        if self._datasets.get(split) is None:
+            self._datasets[split] = get_dataset(self.cfg.data.name, split, **dataset_options(self.cfg))
+        return self._datasets[split]
+
+    def _banner(self) -> str:
+        """What the run is about to do: model, data sizes, steps, run folder, resume point."""
+        cfg, spe = self.cfg, self.steps_per_epoch
+        n_params = sum(p.numel() for p in self.model.parameters())
+        sizes = [f"train {len(self.train_ds):,}"]
+        for split in ("val", "test"):
+            try:
+                ds = self._dataset(split) if split == "val" or not self.streaming else None
+                sizes.append(f"{split} {len(ds):,}" if ds is not None else f"{split} (streamed)")
+            except ValueError:
+                sizes.append(f"no {split} split")
+        lines = [f"lipnext train: {cfg.model.name} ({n_params / 1e6:.2f}M parameters) on {cfg.data.name}, "
+                 f"{self.device} {'bf16' if self.bf16 else 'fp32'}, {self.info.world_size} process(es)",
+                 f"  images: {', '.join(sizes)}; certify.split={cfg.certify.split} at the end",
+                 f"  steps: {spe} per epoch (global batch {cfg.train.batch_size}) x {cfg.train.epochs} "
+                 f"epochs = {self.total_steps}, warm-up {self.warmup_steps}",
+                 f"  run folder: {self.run_dir}"]
+        if self.step:
+            lines.append(f"  resumed from step {self.step} of {self.total_steps} "
+                         f"(epoch {self.step / spe:g}; {self._resumed_from})")
+        return "\n".join(lines)
 
     # ---------------------------------------------------------------- checkpoints
     def _maybe_resume(self) -> int | None:
@@ -171,10 +203,24 @@ class Trainer:
 
     def _load(self, path: Path) -> int:
         state = load_checkpoint(path, self.model, self.optimizer)
-        if state.get("total_steps") != self.total_steps:
-            raise ValueError(f"checkpoint {path} belongs to a run of {state.get('total_steps')} steps, "
-                             f"this config gives {self.total_steps}; keep train.epochs and "
-                             "train.batch_size of the original run")
+        old_total, spe = state.get("total_steps"), state.get("steps_per_epoch")
+        if spe is None and old_total != self.total_steps:      # a checkpoint of lipnext <= 0.1.0
+            raise ValueError(f"checkpoint {path} belongs to a run of {old_total} steps, this "
+                             f"config gives {self.total_steps}; keep train.epochs and train.batch_size")
+        if spe is not None and spe != self.steps_per_epoch:
+            raise ValueError(f"checkpoint {path} belongs to a run of {spe} steps per epoch, this config "
+                             f"gives {self.steps_per_epoch}; keep train.batch_size and the data of the "
+                             "original run (train.epochs may change)")
+        if state["step"] > self.total_steps:
+            raise ValueError(f"checkpoint {path} is at step {state['step']}, beyond the "
+                             f"{self.total_steps} steps of train.epochs={self.cfg.train.epochs}; "
+                             f"set train.epochs >= {math.ceil(state['step'] / self.steps_per_epoch)}")
+        if old_total != self.total_steps and self.info.is_main:
+            print(f"resume: the run had {old_total} steps ({old_total // self.steps_per_epoch} epochs), "
+                  f"it now has {self.total_steps} (train.epochs={self.cfg.train.epochs}): from step "
+                  f"{state['step']} on, the lr and eps schedules are those of a "
+                  f"{self.cfg.train.epochs}-epoch run")
+        self._resumed_from = path
         self.step, self.lr_scale = state["step"], state["lr_scale"]
         self.rollbacks, self.elapsed, self.lipschitz = state["rollbacks"], state["elapsed_s"], state["lipschitz"]
         return self.step
@@ -187,6 +233,7 @@ class Trainer:
         if self.info.is_main:
             save_checkpoint(self.run_dir, self.step, self.model, optimizer_state,
                             {"epoch": self.step // self.steps_per_epoch, "total_steps": self.total_steps,
+                             "steps_per_epoch": self.steps_per_epoch,
                              "lr_scale": self.lr_scale, "rollbacks": self.rollbacks,
                              "elapsed_s": self.elapsed, "lipschitz": self.lipschitz,
                              "model": self.cfg.model.name},
@@ -308,7 +355,7 @@ class Trainer:
 
     def _certify(self, model: CertifiableModel, split: str,
                  limit: int | None = None) -> tuple[dict[str, Any], Any]:
-        ds = self.val_ds if split == "val" else get_dataset(self.cfg.data.name, split, **dataset_options(self.cfg))
+        ds = self._dataset(split)
         cert = certify_dataset(model, ds, self.cfg.certify.rule, self.cfg.certify.batch_size, limit,
                                self.cfg.data.num_workers if self.streaming else 0)
         radii, unit = list(self.cfg.certify.radii), self.cfg.certify.radius_unit
@@ -338,13 +385,13 @@ class Trainer:
         self.model.validate_inputs = False
         finished = self.step >= self.total_steps      # resumed from the final checkpoint
         t0, window_t, window_n = time.perf_counter() - self.elapsed, time.perf_counter(), 0
+        stop = StopOnSignal()                         # Ctrl-C / SIGTERM: checkpoint, then stop
         try:
+            stop.install()
             while self.step < self.total_steps:
-                if t.stop_at_step is not None and self.step >= t.stop_at_step:
-                    self._save()
-                    bar.close()
-                    self.log.close()
-                    return {"interrupted": True, "step": self.step}
+                signalled = not all_true(stop.signal is None, self.info, self.device)
+                if signalled or (t.stop_at_step is not None and self.step >= t.stop_at_step):
+                    return self._interrupt(bar, (stop.signal or "a signal on another rank") if signalled else None)
                 if t.time_limit_min is not None and not all_true(
                         time.perf_counter() - t0 < 60 * t.time_limit_min, self.info, self.device):
                     self.stopped_early = self.step
@@ -382,6 +429,7 @@ class Trainer:
                         (epoch_end and t.checkpoint_every and (epoch + 1) % t.checkpoint_every == 0)
                         or (t.checkpoint_every_steps and self.step % t.checkpoint_every_steps == 0)):
                     self._save()
+            stop.restore()
             bar.close()
             if not finished:                          # its weights are already final
                 if t.retraction != "none":            # (none: certified as trained, bound measured)
@@ -390,8 +438,44 @@ class Trainer:
                 self._save()
             return self._finish()
         finally:
+            stop.restore()
             self.model.validate_inputs = True
             bar.close()
+
+    def _interrupt(self, bar: tqdm, signal_name: str | None) -> dict[str, Any]:
+        """Checkpoint (atomic) and stop: train.stop_at_step, or SIGINT/SIGTERM (on any rank)."""
+        self._save()
+        bar.close()
+        self.log.close()
+        out: dict[str, Any] = {"interrupted": True, "step": self.step}
+        if signal_name is not None:
+            out["signal"] = signal_name
+            if self.info.is_main:
+                saved = (f"checkpoint {latest_checkpoint(self.run_dir)} written" if self.cfg.train.checkpoint
+                         else "nothing saved (train.checkpoint=false)")
+                print(f"{signal_name}: stopped at step {self.step} of {self.total_steps}; {saved}", flush=True)
+        return out
+
+    def _final_split(self) -> str | None:
+        """The split certified at the end: certify.split; for ``test`` on data without a test
+        split, val (with a note); None for ``none`` or when the data has neither."""
+        split = self.cfg.certify.split
+        if split == "none":
+            return None
+        try:
+            self._dataset(split)
+            return split
+        except ValueError as e:
+            if split != "test":
+                raise
+            note = str(e)
+        try:
+            self._dataset("val")
+        except ValueError:
+            print(f"note: {note.split(':')[0]} and no val split")
+            return None
+        print(f"note: {note}; certifying the val split instead")
+        return "val"
 
     def _finish(self) -> dict[str, Any]:
         """Save the final weights; certify the test split (val if there is none); report."""
@@ -400,32 +484,39 @@ class Trainer:
         model = self._whole_model()
         if self.info.is_main:
             save_model(model, self.run_dir)
-            split = cfg.certify.split
-            try:
-                res, cert = self._certify(model, split)
-            except ValueError as e:
-                if split != "test":
-                    raise
-                print(f"note: {e}; certifying the val split instead")
-                split = "val"
-                res, cert = self._certify(model, split)
-            results = {**res, "split": split, "dataset": cfg.data.name, "model": cfg.model.name,
+            split = self._final_split()
+            results = {"split": split, "dataset": cfg.data.name, "model": cfg.model.name,
                        "epochs": cfg.train.epochs, "steps": self.step, "train_time_s": round(self.elapsed, 1),
                        "stopped_early_at_step": self.stopped_early, "total_steps": self.total_steps,
                        "world_size": self.info.world_size, "device": str(self.device),
                        "precision": "bf16" if self.bf16 else "fp32", "run_dir": str(self.run_dir)}
-            write_json(results, self.run_dir / "results.json")
-            try:
-                plot_certified_accuracy(cert, self.run_dir / "certified_accuracy.png",
-                                        marks=[r / cfg.certify.radius_unit for r in cfg.certify.radii],
-                                        title=f"{cfg.model.name} on {split}: certified accuracy")
-            except ImportError:
-                print("matplotlib is not installed: no plot (pip install 'lipnext[demo]')")
-            self.log.log({"kind": "final", "step": self.step, **{k: results[k] for k in
-                          ("clean_accuracy", "cra", "lipschitz_bound", "split", "n")}})
-            print(f"certified on the {split} split ({res['n']} images), rule {res['rule']}:")
-            print(format_table(results))
+            if split is None:
+                write_json({**results, "certified": False}, self.run_dir / "results.json")
+                self.log.log({"kind": "final", "step": self.step, "split": None})
+                print(f"no test split was certified (certify.split={cfg.certify.split}); the weights "
+                      f"are in {self.run_dir}. Certify them on held-out data with:\n"
+                      f"  lipnext certify {self.run_dir} --data SPEC   (e.g. --data npz:test.npz)")
+            else:
+                res, cert = self._certify(model, split)
+                results = {**res, **results}
+                write_json(results, self.run_dir / "results.json")
+                self._plot(cert, split)
+                self.log.log({"kind": "final", "step": self.step, **{k: results[k] for k in
+                              ("clean_accuracy", "cra", "lipschitz_bound", "split", "n")}})
+                print(f"certified on the {split} split ({res['n']} images), rule {res['rule']}:")
+                print(format_table(results))
             print(f"run folder: {self.run_dir}")
         self.log.close()
         barrier(self.info)
         return results
+
+    def _plot(self, cert: Any, split: str) -> None:
+        c = self.cfg.certify
+        try:
+            plot_certified_accuracy(cert, self.run_dir / "certified_accuracy.png",
+                                    marks=[r / c.radius_unit for r in c.radii],
+                                    mark_labels=[radius_label(r, c.radius_unit) for r in c.radii],
+                                    title=f"{self.cfg.model.name} on {self.cfg.data.name} ({split}, "
+                                          f"{len(cert)} images)")
+        except ImportError:
+            print("matplotlib is not installed: no plot (pip install 'lipnext[demo]')")

@@ -8,13 +8,17 @@ nothing else, so any architecture with this interface can be certified and verif
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["CertifiableModel", "check_images", "default_patch_size", "resolve_geometry", "resolve_mean"]
+# float pixels outside this range draw a warning: [0, 1], with room for attacks in R^n
+PIXEL_RANGE = (-1.0, 2.0)
+
+__all__ = ["CertifiableModel", "check_images", "check_pixel_range", "default_patch_size", "resolve_geometry", "resolve_mean"]
 
 
 def default_patch_size(image_size: int) -> int:
@@ -32,14 +36,23 @@ def resolve_geometry(image_size: int | Sequence[int],
     hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     if len(hw) != 2 or min(hw) < 1:
         raise ValueError(f"image_size must be an int or (H, W), got {image_size}")
-    patch_size = patch_size or default_patch_size(min(hw))
-    if hw[0] % patch_size or hw[1] % patch_size:
-        raise ValueError(f"patch_size {patch_size} does not divide the image size {hw}")
-    return hw, patch_size
+    if patch_size is not None and patch_size < 1:
+        raise ValueError(f"patch_size must be >= 1, got {patch_size}")
+    chosen = patch_size or default_patch_size(min(hw))
+    if hw[0] % chosen or hw[1] % chosen:
+        divisors = [k for k in range(1, min(hw) + 1) if hw[0] % k == 0 and hw[1] % k == 0]
+        if patch_size is None:
+            raise ValueError(f"image size {hw[0]}x{hw[1]} has no default patch size (the default, "
+                             f"{chosen}, does not divide it): pass patch_size=, one of {divisors}")
+        raise ValueError(f"patch_size {patch_size} does not divide the image size {hw[0]}x{hw[1]}; "
+                         f"choose one of {divisors}")
+    return hw, chosen
 
 
 def resolve_mean(mean: Sequence[float] | None, in_chans: int) -> list[float]:
     """The per-channel mean subtracted inside the model (0.5 per channel by default)."""
+    if not isinstance(in_chans, int) or in_chans < 1:
+        raise ValueError(f"in_chans must be a positive number of input channels, got {in_chans!r}")
     mean = [float(m) for m in mean] if mean is not None else [0.5] * in_chans
     if len(mean) != in_chans:
         raise ValueError(f"mean has {len(mean)} entries but the input has {in_chans} channels")
@@ -67,8 +80,19 @@ def check_images(x: torch.Tensor, in_chans: int, image_size: tuple[int, int]) ->
         raise ValueError(f"the model was built for {image_size[0]}x{image_size[1]} images, got "
                          f"{x.shape[-2]}x{x.shape[-1]}; resize the inputs or create the model with "
                          f"image_size={x.shape[-2]}")
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
-        raise ValueError("the input contains NaN or Inf values")
+    if not torch.compiler.is_compiling() and x.numel():
+        lo, hi = (float(v) for v in torch.stack(torch.aminmax(x.detach())).tolist())
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError("the input contains NaN or Inf values")
+        check_pixel_range(lo, hi)
+
+
+def check_pixel_range(lo: float, hi: float) -> None:
+    """Warn when float pixels lie far outside [0, 1] (e.g. 0..255 pixels not divided by 255)."""
+    if hi > PIXEL_RANGE[1] or lo < PIXEL_RANGE[0]:
+        warnings.warn(f"the inputs lie in [{lo:g}, {hi:g}], far outside [0, 1]: lipnext models take "
+                      "raw pixels in [0, 1] (the mean is subtracted inside the model); divide 0..255 "
+                      "pixels by 255", UserWarning, stacklevel=3)
 
 
 class CertifiableModel(nn.Module):
