@@ -61,16 +61,17 @@ def test_bad_study_files(tmp_path, spec, match):
         load_study(_write(tmp_path, spec))
 
 
-def _rec(cell, seed, clean, cra, t, params=100):
+def _rec(cell, seed, clean, cra, t, params=100, lip=1.0):
     return {"cell": cell, "seed": seed, "overrides": [f"x={cell}"], "clean_accuracy": clean,
-            "cra": {"36/255": cra[0], "72/255": cra[1]}, "train_time_s": t, "params": params}
+            "cra": {"36/255": cra[0], "72/255": cra[1]}, "train_time_s": t, "params": params,
+            "lipschitz_bound": lip}
 
 
 def test_table_for_known_inputs():
     records = [_rec("a", 0, 0.40, (0.30, 0.10), 10.0), _rec("a", 1, 0.60, (0.20, 0.10), 20.0),
                _rec("b", 0, 0.50, (0.25, 0.05), 7.0, params=50), {"cell": "b", "seed": 1, "failed": True},
                _rec("c", 0, 0.1, (0.0, 0.0), 1.0), _rec("c", 1, 0.2, (0.0, 0.0), 2.0),
-               _rec("c", 2, 0.6, (0.3, 0.0), 6.0)]
+               _rec("c", 2, 0.6, (0.3, 0.0), 6.0, lip=1.25)]
     rows = summarize(records, ["a", "b", "c", "d"])
     a, b, c, d = rows
     assert a["n"] == 2 and a["failed"] == 0 and a["params"] == 100
@@ -82,11 +83,12 @@ def test_table_for_known_inputs():
     assert c["train_time_s"]["mean"] == pytest.approx(3.0)
     assert d["n"] == 0 and d["clean"]["mean"] is None
     md = format_markdown(rows).splitlines()
-    assert md[0] == "| cell | seeds | params | clean % | CRA 36/255 % | CRA 72/255 % | train time (s) |"
-    assert md[2] == "| a | 2 | 100 | 50.0 ± 14.1 | 25.0 ± 7.1 | 10.0 ± 0.0 | 15 ± 7 |"
-    assert md[3] == "| b | 1 (+1 diverged) | 50 | 50.0 | 25.0 | 5.0 | 7 |"
-    assert md[4] == "| c | 3 | 100 | 30.0 ± 26.5 | 10.0 ± 17.3 | 0.0 ± 0.0 | 3 ± 3 |"
-    assert md[5] == "| d | 0 | - | - | - | - | - |"
+    assert md[0] == ("| cell | seeds | params | clean % | CRA 36/255 % | CRA 72/255 % | train time (s) "
+                     "| L (max) |")
+    assert md[2] == "| a | 2 | 100 | 50.0 ± 14.1 | 25.0 ± 7.1 | 10.0 ± 0.0 | 15 ± 7 | 1.000000 |"
+    assert md[3] == "| b | 1 (+1 diverged) | 50 | 50.0 | 25.0 | 5.0 | 7 | 1.000000 |"
+    assert md[4] == "| c | 3 | 100 | 30.0 ± 26.5 | 10.0 ± 17.3 | 0.0 ± 0.0 | 3 ± 3 | 1.250000 |"
+    assert md[5] == "| d | 0 | - | - | - | - | - | - |"
     csv = _csv(rows).splitlines()
     assert csv[0].startswith("cell,overrides,seeds,failed,params,clean_mean,clean_std,clean_min,clean_max,"
                              "cra_36/255_mean")

@@ -242,7 +242,8 @@ def _stats(values: list[float]) -> dict[str, float | None]:
 
 def summarize(records: list[dict[str, Any]], cells: list[str] | None = None) -> list[dict[str, Any]]:
     """One row per cell: seeds finished and failed, parameters, and the statistics over seeds
-    of clean accuracy, CRA at each radius and training time (accuracies as fractions)."""
+    of clean accuracy, CRA at each radius, training time and the certified Lipschitz bound
+    (accuracies as fractions)."""
     order = cells or list(dict.fromkeys(r["cell"] for r in records))
     labels = list(dict.fromkeys(lab for r in records if not r.get("failed") for lab in r["cra"]))
     rows = []
@@ -253,7 +254,8 @@ def summarize(records: list[dict[str, Any]], cells: list[str] | None = None) -> 
                      "params": done[0]["params"] if done else None,
                      "clean": _stats([r["clean_accuracy"] for r in done]),
                      "cra": {lab: _stats([r["cra"][lab] for r in done if lab in r["cra"]]) for lab in labels},
-                     "train_time_s": _stats([r["train_time_s"] for r in done])})
+                     "train_time_s": _stats([r["train_time_s"] for r in done]),
+                     "lipschitz_bound": _stats([r["lipschitz_bound"] for r in done])})
     return rows
 
 
@@ -266,15 +268,16 @@ def _pm(s: dict[str, float | None], scale: float = 100.0, digits: int = 1) -> st
 
 
 def format_markdown(rows: list[dict[str, Any]]) -> str:
-    """The table: mean ± sample std over seeds (accuracies in %)."""
+    """The table: mean ± sample std over seeds (accuracies in %), and the largest bound L."""
     labels = list(rows[0]["cra"]) if rows else []
-    head = ["cell", "seeds", "params", "clean %", *[f"CRA {lab} %" for lab in labels], "train time (s)"]
+    head = ["cell", "seeds", "params", "clean %", *[f"CRA {lab} %" for lab in labels], "train time (s)", "L (max)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for r in rows:
         seeds = f"{r['n']}" + (f" (+{r['failed']} diverged)" if r["failed"] else "")
         params = f"{r['params']:,}" if r["params"] is not None else "-"
         cells = [r["cell"], seeds, params, _pm(r["clean"]), *[_pm(r["cra"][lab]) for lab in labels],
-                 _pm(r["train_time_s"], 1.0, 0)]
+                 _pm(r["train_time_s"], 1.0, 0),
+                 "-" if r["lipschitz_bound"]["max"] is None else f"{r['lipschitz_bound']['max']:.6f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -285,7 +288,8 @@ def _csv(rows: list[dict[str, Any]]) -> str:
 
     labels = list(rows[0]["cra"]) if rows else []
     metrics = [("clean", lambda r: r["clean"])] + [(f"cra_{lab}", lambda r, lab=lab: r["cra"][lab])
-                                                   for lab in labels] + [("train_time_s", lambda r: r["train_time_s"])]
+                                                   for lab in labels] + [("train_time_s", lambda r: r["train_time_s"]),
+                                                                    ("lipschitz_bound", lambda r: r["lipschitz_bound"])]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["cell", "overrides", "seeds", "failed", "params"]
