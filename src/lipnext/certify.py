@@ -200,7 +200,7 @@ def _finite(*tensors: torch.Tensor, x: torch.Tensor) -> None:
 @torch.no_grad()
 def certify(model: CertifiableModel, x: torch.Tensor, y: torch.Tensor, rule: str = "pairwise",
             batch_size: int = 512, lipschitz: float | None = None,
-            rounding_guard: bool = True) -> Certificate:
+            rounding_guard: bool = True, twin: Float64Twin | None = None) -> Certificate:
     """Certify ``model`` on images x (N, C, H, W) in [0, 1] with labels y (N,).
 
     L is measured from the weights as they are unless given. ``rounding_guard=True``:
@@ -227,7 +227,10 @@ def certify(model: CertifiableModel, x: torch.Tensor, y: torch.Tensor, rule: str
     try:
         with standard_numerics(model):
             lip = model.lipschitz_bound() if lipschitz is None else float(lipschitz)
-            twin = Float64Twin(model) if rounding_guard else None
+            if rounding_guard and twin is None:
+                twin = Float64Twin(model)
+            elif not rounding_guard:
+                twin = None
             validate = isinstance(model, CertifiableModel) and getattr(model, "validate_inputs", True)
             for i in range(0, max(x.shape[0], 1), batch_size):
                 yb = y[i:i + batch_size]

@@ -154,10 +154,10 @@ def _lipnext_program(m) -> list[Step]:
 
     steps += [exact(patches, "patchify"), linear(stem.matrix(), "stem")]
     for i, blk in enumerate(m.blocks):
-        r, mm = blk.R.detach(), blk.M.detach()
+        r = blk.R.detach().to(torch.float64)   # one float64 copy for R and its transpose (a view)
         steps += [translate(blk.pos.pos, tokens * c, f"blocks.{i}.pos"),
                   linear(r, f"blocks.{i}.R"), exact(blk.shift, f"blocks.{i}.shift"),
-                  linear(r.mT, f"blocks.{i}.R^T"), linear(mm, f"blocks.{i}.M"),
+                  linear(r.mT, f"blocks.{i}.R^T"), linear(blk.M, f"blocks.{i}.M"),
                   translate(blk.bias, tokens * c, f"blocks.{i}.bias"),
                   exact(blk.act, f"blocks.{i}.act")]
     return steps + [l2_pool(tokens, c)]
