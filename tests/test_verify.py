@@ -13,8 +13,9 @@ from lipnext.data import load_digits
 from lipnext.losses import emma_loss
 from lipnext.nn import random_orthogonal
 from lipnext.optim import build_optimizer, retract_model
-from lipnext.verify import (Budget, attack_certified, ddn_attack, empirical_lipschitz, head_check,
-                            orthogonality_check, pgd_attack, precision_check, verify_model)
+from lipnext.rounding import exact, float64_twin, linear
+from lipnext.verify import (Budget, attack_certified, certify_float64, ddn_attack, empirical_lipschitz,
+                            head_check, orthogonality_check, pgd_attack, precision_check, verify_model)
 
 FAST = Budget.fast()
 EPS = (0.1, 0.3)
@@ -197,44 +198,48 @@ def test_precision_check_passes_on_a_sound_model(trained, digits):
     _, _, xt, yt = digits
     res = precision_check(fresh(trained), xt, yt, eps=EPS)
     assert res.passed, res.summary
-    assert res.details["fp32_radius_above_fp64"] == 0
-    assert res.details["max_radius_discrepancy"] < 1e-4
+    assert res.details["radius_above_formula"] == 0 and res.details["float64_twin_genuine"]
+    assert res.details["max_radius_reduction"] < 1e-4
 
 
 def test_margin_within_rounding_error_is_not_certified(trained, digits):
-    """Move the bias so that z_0 - z_1 = 1e-9 at one point: a float32 trunk cannot vouch for it."""
+    """A margin of 1e-6 at one point is real in float64 (certified at about margin / (L d));
+    inside the a-priori rounding allowance (here inflated to 1e-6 by a huge bias) it is not."""
     _, _, xt, _ = digits
     m = fresh(trained)
     x = xt[:1]
+    twin = float64_twin(m)
     with torch.no_grad():
-        z = m.forward_head(m.forward_features(x).double())[0]
+        z = twin(x)[0]
         top = z.argsort(descending=True)
         a, b = int(top[0]), int(top[1])
         m.head.bias[a] -= float(z[a] - z[b]) - 1e-6     # margin ~1e-6 above the runner-up
-        z = m.forward_head(m.forward_features(x).double())[0]
+        z = float64_twin(m)(x)[0]
     y = torch.tensor([a])
     margin = float(z[a] - z.clone().index_fill_(0, torch.tensor([a]), -math.inf).max())
     assert 0 < margin < 1e-5
     unguarded = lipnext.certify(m, x, y, rounding_guard=False)
     assert unguarded.certified(0.0).item()          # exact-arithmetic formula would certify it
     guarded = lipnext.certify(m, x, y)
-    assert guarded.correct.item() and guarded.radius.item() == 0 and not guarded.certified(0.0).item()
+    assert guarded.certified(0.0).item() and guarded.radius.item() < margin   # float64 vouches for 1e-6
+    with torch.no_grad():
+        m.blocks[0].bias += 1e7                       # rounding of values ~1e7: allowance ~1e-6
+    guarded = lipnext.certify(m, x, y)
+    assert guarded.radius.item() == 0 and not guarded.certified(0.0).item()
 
 
-def test_guard_lowers_radii_by_twice_the_rounding_allowance(trained, digits):
+def test_guard_lowers_radii_only_by_the_proven_float64_allowance(trained, digits):
+    """The float64 rounding bound costs at most 1e-9 of radius here (the measured guard: 3e-5)."""
     _, _, xt, yt = digits
     m = fresh(trained)
-    c0 = lipnext.certify(m, xt, yt, rounding_guard=False)
     c1 = lipnext.certify(m, xt, yt)
-    c2 = lipnext.certify(m, xt, yt, rounding_guard=1e-3)
-    with torch.no_grad():
-        fn = m.forward_features(xt).double().norm(dim=1)
+    c0, _ = certify_float64(m, xt, yt)                # the formula on the twin's float64 logits
     keep = c0.correct & (c0.radius > 0.01)
     assert (c1.radius <= c0.radius).all() and (c1.radius[keep] > 0).all()
-    expected = (c0.radius - 2 * 1e-3 * fn / c0.lipschitz).clamp_min(0)
-    torch.testing.assert_close(c2.radius[keep], expected[keep], rtol=1e-9, atol=1e-12)
-    with pytest.raises(ValueError, match="rounding_guard"):
-        lipnext.certify(m, xt, yt, rounding_guard=-1.0)
+    assert ((c0.radius - c1.radius)[keep] < 1e-9).all()
+    for bad in (-1.0, 1e-3):
+        with pytest.raises(ValueError, match="rounding_guard"):
+            lipnext.certify(m, xt, yt, rounding_guard=bad)
 
 
 # ---------------------------------------------------------------- any model with the interface
@@ -270,6 +275,11 @@ class LinearModel(nn.Module):
 
     def lipschitz_bound(self):
         return 1.0 + 1e-6 if self.claimed is None else self.claimed
+
+    def rounding_program(self):
+        """The trunk as float64 steps, for certify's a-priori rounding bound."""
+        a = self.A.detach().double()
+        return [exact(lambda h: h.flatten(1), "flatten"), linear(a / torch.linalg.matrix_norm(a, ord=2))]
 
 
 def test_verify_works_for_a_model_without_orthogonal_weights():
@@ -319,3 +329,93 @@ def test_cli_verify_exit_codes_and_files(trained, tmp_path, capsys):
     assert not bad["passed"] and not bad["checks"][0]["passed"]
     assert cli.main(["verify", str(trained), *fast, "--steps", "0"]) == 2
     assert "--steps must be > 0" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- trust features (issue 10)
+def test_tightness_is_reported_per_point_and_as_a_distribution(trained, digits):
+    _, _, xt, yt = digits
+    rep = verify_model(fresh(trained), xt[:48], yt[:48], eps=EPS, budget=FAST)
+    t = rep["attack"].details["tightness"]
+    assert rep["attack"].details["counterexamples"] == 0 and t["points"] > 5
+    assert 1.0 <= t["min"] <= t["q25"] <= t["median"] <= t["q75"] <= t["max"]   # none closer than its radius
+    for p in t["per_point"]:
+        assert p["ratio"] == pytest.approx(p["closest"] / p["radius"]) or math.isinf(p["closest"])
+    assert t["points"] + t["never_broken"] == len(t["per_point"])
+    assert "Tightness" in rep.to_markdown() and json.loads(rep.to_json())
+
+
+def test_library_attacks_are_the_default_when_installed(trained, digits):
+    pytest.importorskip("torchattacks")
+    _, _, xt, yt = digits
+    m = fresh(trained)
+    cert = lipnext.certify(m, xt[:24], yt[:24])
+    att = attack_certified(m, xt[:24], yt[:24], cert, eps=EPS, steps=10, restarts=1, ddn_steps=20)
+    assert att.details["library"] == "torchattacks"
+    assert set(att.details["attacks"]) == {"pgd", "ddn", "apgd-ce", "apgd-dlr", "fab"}
+    assert att.details["points_attacked"]["fab"] > 0 and att.passed
+    hand = attack_certified(m, xt[:24], yt[:24], cert, eps=EPS, steps=10, restarts=1, ddn_steps=20, library=False)
+    assert hand.details["attacks"] == ["pgd", "ddn"] and hand.details["library"] is None
+
+
+def test_apgd_and_fab_match_the_exact_distance_of_a_linear_model():
+    pytest.importorskip("torchattacks")
+    from lipnext.verify import apgd_attack, fab_attack
+    torch.manual_seed(1)
+    m = LinearModel(dim=12, classes=3)
+    x = 0.5 + 0.02 * torch.rand(20, 1, 3, 4)          # far inside the box
+    with torch.no_grad():
+        y = m(x).argmax(1)
+    d_true = lipnext.certify(m, x, y, rounding_guard=False).radius.float()
+    keep = d_true < 0.45                               # within the box around every point
+    _, dist = fab_attack(m, x[keep], y[keep], steps=50)
+    ratio = dist / d_true[keep]
+    assert (ratio >= 1 - 1e-4).all() and ratio.median() <= 1.1
+    for i in keep.nonzero().squeeze(1).tolist()[:5]:
+        _, ok = apgd_attack(m, x[i:i + 1], y[i:i + 1], float(d_true[i]) * 0.98, steps=30)
+        assert not ok.any()
+
+
+def test_a_time_budget_stops_the_attacks_and_says_so(trained, digits):
+    _, _, xt, yt = digits
+    rep = verify_model(fresh(trained), xt[:32], yt[:32], eps=EPS,
+                       budget=Budget(**{**FAST.__dict__, "seconds": 0.0}))
+    att = rep["attack"].details
+    assert att["budget_exhausted"] and att["counterexamples"] == 0
+    assert all(not v["complete"] for v in att["per_eps"].values()) and "time budget" in rep["attack"].summary
+
+
+def test_verify_does_not_depend_on_autocast_or_default_dtype(trained, digits):
+    _, _, xt, yt = digits
+    m = fresh(trained)
+    ref = verify_model(m, xt[:32], yt[:32], eps=EPS, budget=FAST, attacks=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf = verify_model(m, xt[:32], yt[:32], eps=EPS, budget=FAST, attacks=False)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        d64 = verify_model(m, xt[:32], yt[:32], eps=EPS, budget=FAST, attacks=False)
+    finally:
+        torch.set_default_dtype(old)
+    for rep in (bf, d64):
+        assert rep.passed and rep.info["lipschitz_bound"] == ref.info["lipschitz_bound"]
+        assert rep.info["cra"] == ref.info["cra"]
+        assert rep["empirical_lipschitz"].details["empirical"] == pytest.approx(
+            ref["empirical_lipschitz"].details["empirical"], rel=1e-6)
+
+
+def test_cli_budget_in_points_or_seconds(trained, tmp_path, capsys):
+    from lipnext.commands.verify import parse_budget
+    assert parse_budget("50") == (50, None) and parse_budget("120s") == (None, 120.0)
+    assert parse_budget("all") == (None, None)
+    for bad in ("0", "-3", "x", "0s"):
+        with pytest.raises(ValueError, match="--budget"):
+            parse_budget(bad)
+    fast = ["--data", "digits", "--limit", "40", "--steps", "5", "--restarts", "1", "--ddn-steps", "10",
+            "--lipschitz-steps", "10", "--lipschitz-restarts", "2", "--lipschitz-points", "4",
+            "--radii", "25", "--library", "no"]
+    rc = cli.main(["verify", str(trained), "--out", str(tmp_path), "--budget", "16", *fast])
+    rep = json.loads((tmp_path / "verify.json").read_text())
+    assert rc == 0 and rep["checks"][3]["details"]["points"] == 16
+    err = capsys.readouterr().err
+    assert "verify" in err and "check" in err            # the progress display
+    assert cli.main(["verify", str(trained), "--budget", "zero", *fast]) == 2

@@ -9,14 +9,45 @@ disc bound), so the bound is sound for any W and equals 1 + O(drift) for a nearl
 orthogonal one. G is formed in float64; the
 rounding error of that product, at most gamma_n ||W||_F^2 with gamma_n = n u/(1 - n u),
 is added on top, so the bound holds for the exact real-number matrix stored in W.
+
+``pairwise_distances`` gives ||w_i - w_j||_2 from the differences themselves (never the
+Gram form ||a||^2 + ||b||^2 - 2 a.b, which cancels catastrophically for close rows: it
+returns 0 for rows one float32 ulp apart); ``distance_upper`` rounds them up soundly.
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ["spectral_norm_bound", "gram_error"]
+__all__ = ["spectral_norm_bound", "gram_error", "pairwise_distances", "distance_upper", "gamma"]
 
 _U64 = 2.0 ** -53
+_CHUNK = 2 ** 22  # float64 entries of one block of differences (32 MiB)
+
+
+def gamma(n: int, u: float = _U64) -> float:
+    """gamma_n = n u / (1 - n u): the relative error bound of a length-n float sum or dot product."""
+    if n * u >= 0.5:
+        raise ValueError(f"gamma_{n} is undefined for unit roundoff {u} (n u >= 1/2)")
+    return n * u / (1 - n * u)
+
+
+def pairwise_distances(w: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """||w_i - w_j||_2 for i in ``rows`` (default all) and every j: (len(rows), K) float64.
+
+    Direct differences in float64, in blocks of rows; relative error <= gamma_{C+2}
+    (difference, squares and sum, square root), so 0 only for identical rows.
+    """
+    w64 = w.detach().to(torch.float64)
+    idx = torch.arange(w64.shape[0], device=w64.device) if rows is None else rows.to(w64.device)
+    step = max(1, _CHUNK // max(1, w64.numel()))
+    out = [(w64[idx[i:i + step], None, :] - w64[None]).square().sum(-1).sqrt()
+           for i in range(0, idx.numel(), step)]
+    return torch.cat(out) if out else w64.new_zeros(0, w64.shape[0])
+
+
+def distance_upper(dist: torch.Tensor, dim: int) -> torch.Tensor:
+    """An upper bound of the exact distances from ``pairwise_distances`` of rows of length dim."""
+    return dist * (1 + gamma(dim + 3))
 
 
 def gram_error(w: torch.Tensor) -> torch.Tensor:

@@ -8,41 +8,66 @@ rows, the prediction y = argmax z is certified at radius eps when, for all j != 
 so the radius is min_j (z_y - z_j) / (L ||w_y - w_j||). The classical rule
 margin / (sqrt(2) L ||W||_2) ("sqrt2") holds for any linear head. Inequalities are
 strict; a tie (margin 0) is never certified; a wrong prediction gets radius 0.
-The head is evaluated in float64 on the trunk's features.
+Distances ||w_y - w_j|| come from the differences (``bounds.pairwise_distances``).
 
-Rounding guard (floating-point safety). The trunk runs in float32, so the computed
-features f~ differ from the exact ones by a rounding error, at x and at every x' in
-the ball. If ||f~(x) - f(x)|| <= delta(x) everywhere, then for every pair
+Floating point (``rounding_guard=True``, the default). The trunk and the head run in
+float64 as the model's float64 twin (``lipnext.rounding``), whose rounding error is
+bounded a priori on the whole ball: ||f^(x') - f(x')|| <= a + b r for every x' with
+||x' - x|| <= r. With the head's own rounding this gives, for each pair, a bound
+alpha_j + beta_j r of the error of the computed logit difference, and
 
-    z~_y(x') - z~_j(x') >= z~_y(x) - z~_j(x) - (eps L + 2 delta) ||w_y - w_j||
+    r_j = (z^_y - z^_j - 2 u |z^_y - z^_j| - 2 alpha_j) / (L ||w_y - w_j|| + 2 beta_j)
 
-so a certificate is sound for the computed predictions when the radius is lowered to
-``r - 2 delta / L`` (the same shift for the "sqrt2" rule, as ||w_y - w_j|| <= sqrt2 ||W||).
-delta is estimated as ``kappa ||f~(x)||`` with the relative error kappa measured by
-:func:`rounding_error` on a probe of the batch (float32 against a float64 copy of the
-model, trunk and head), times ``GUARD_SAFETY`` for the points of the ball that were
-not measured (their features are at most about twice as large), and never below
-sqrt(C) u32 (the probabilistic rounding bound of one length-C dot product). A margin
-within this allowance is not certified (radius 0).
+certifies the exact real-number model and the twin's float64 predictions at every
+point of the ball (docs/RELIABILITY.md, Floating point). Certification does not depend
+on an outer autocast or on the default dtype (``standard_numerics``).
 """
 from __future__ import annotations
 
-import copy
+import contextlib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 
-from .models.base import CertifiableModel
+from .bounds import distance_upper, gamma, pairwise_distances
+from .models.base import CertifiableModel, check_images
+from .nn.conv_bounds import operator_norm_bound
+from .rounding import UP, U64, Float64Twin, propagate
 
-__all__ = ["Certificate", "certify", "certified_radius", "rounding_error", "RULES",
-           "GUARD_SAFETY", "GUARD_PROBE"]
+__all__ = ["Certificate", "RoundingBound", "certify", "certified_radius", "standard_numerics", "RULES"]
 
 RULES = ("pairwise", "sqrt2")
-GUARD_SAFETY = 8.0   # multiplies the measured relative rounding error (see module doc)
-GUARD_PROBE = 32     # points of each certify call measured in float64
-_U32 = 2.0 ** -24
+_DOWN = 1.0 - 1e-12   # covers the rounding of the radius formula itself (a few float64 operations)
+
+
+@contextlib.contextmanager
+def standard_numerics(model) -> Iterator[None]:
+    """No autocast (on the model's device and the CPU) and float32 as the default dtype."""
+    param = next(model.parameters(), None)
+    kinds = {"cpu", param.device.type if param is not None else "cpu"}
+    old = torch.get_default_dtype()
+    with contextlib.ExitStack() as stack:
+        for kind in sorted(kinds):
+            stack.enter_context(torch.autocast(kind, enabled=False))
+        torch.set_default_dtype(torch.float32)
+        try:
+            yield
+        finally:
+            torch.set_default_dtype(old)
+
+
+@dataclass
+class RoundingBound:
+    """Float64 error of one batch: ||f^(x') - f(x')|| <= a + b r on the ball of radius r;
+    lip bounds the trunk's program, fnorm = ||f^(x)||, bias the head's bias."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    lip: float
+    fnorm: torch.Tensor
+    bias: torch.Tensor
 
 
 @dataclass
@@ -90,13 +115,32 @@ class Certificate:
                            lipschitz=certs[0].lipschitz, rule=certs[0].rule)
 
 
+def _pair_error(rb: RoundingBound, w: torch.Tensor, y: torch.Tensor,
+                dist_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha, beta) (N, K): |error of z^_y - z^_j| <= alpha_j + beta_j r on the ball.
+
+    Feature error through the pair: ||w_y - w_j|| (a + b r); the head's dot products and
+    bias (length C + 1): gamma_{C+1} (||w_i|| ||f^(x')|| + |b_i|) for i = y, j, with
+    ||f^(x')|| <= ||f^(x)|| + L_f r + 2 (a + b r).
+    """
+    g = gamma(w.shape[1] + 1)
+    rows = w.norm(dim=1) * UP
+    bias = rb.bias.to(w).abs()
+    a, b = rb.a[:, None].to(w), rb.b[:, None].to(w)
+    fn = rb.fnorm[:, None].to(w)
+    nn_ = rows[y][:, None] + rows[None]
+    alpha = dist_y * a + g * (nn_ * (fn + 2 * a) + bias[y][:, None] + bias[None])
+    beta = dist_y * b + g * nn_ * (rb.lip + 2 * b)
+    return alpha * UP, beta * UP
+
+
 def certified_radius(logits: torch.Tensor, y: torch.Tensor, head_weight: torch.Tensor,
                      lipschitz: float, rule: str = "pairwise",
-                     guard: torch.Tensor | None = None) -> Certificate:
+                     rounding: RoundingBound | None = None) -> Certificate:
     """Certificates from float64 logits (N, K), labels (N,), head rows (K, C) and L.
 
-    ``guard`` (N,) is the feature-space rounding allowance 2 delta of each point: the
-    radius becomes max(r - guard / L, 0) (module doc).
+    ``rounding`` (the float64 error bound of the batch) lowers each pair's radius as in
+    the module doc; without it, the exact-arithmetic formula.
     """
     if rule not in RULES:
         raise ValueError(f"unknown certification rule {rule!r}; choose one of {RULES}")
@@ -104,24 +148,34 @@ def certified_radius(logits: torch.Tensor, y: torch.Tensor, head_weight: torch.T
         raise ValueError(f"the Lipschitz bound must be finite and positive, got {lipschitz}")
     z = logits.to(torch.float64)
     w = head_weight.detach().to(device=z.device, dtype=torch.float64)
-    n, k = z.shape
     y = y.to(z.device)
     zy = z.gather(1, y[:, None])
     gap = zy - z                                          # z_y - z_j, (N, K)
     other = torch.ones_like(gap, dtype=torch.bool).scatter_(1, y[:, None], False)
+    labels, inverse = torch.unique(y, return_inverse=True)
+    dist_y = pairwise_distances(w, labels)[inverse] if y.numel() else gap.new_zeros(gap.shape)
+    if rounding is not None:
+        dist_y = distance_upper(dist_y, w.shape[1])
     if rule == "pairwise":
-        dist = torch.cdist(w[None], w[None])[0]           # ||w_i - w_j||, (K, K)
-        k_pair = lipschitz * dist[y]                       # (N, K)
+        k_pair = lipschitz * dist_y                        # (N, K)
     else:
-        k_pair = torch.full_like(gap, math.sqrt(2) * lipschitz
-                                 * torch.linalg.matrix_norm(w, ord=2).item())
-    ratio = torch.where(k_pair > 0, gap / k_pair.clamp_min(1e-300),
-                        torch.where(gap > 0, math.inf, 0.0))
+        norm = (operator_norm_bound(w) if rounding is not None
+                else torch.linalg.matrix_norm(w, ord=2).item())
+        k_pair = torch.full_like(gap, math.sqrt(2) * lipschitz * norm)
+    num = gap
+    if rounding is not None:
+        alpha, beta = _pair_error(rounding, w, y, dist_y)
+        # 2u|gap|: the subtraction z_y - z_j; the extra 2u (|gap| + 2 alpha) and UP cover the
+        # rounding of this numerator and denominator themselves (a lower and an upper bound).
+        num = gap - 2 * alpha - 4 * U64 * (gap.abs() + 2 * alpha)
+        k_pair = (k_pair + 2 * beta) * UP
+    ratio = torch.where(k_pair > 0, num / k_pair.clamp_min(1e-300),
+                        torch.where(num > 0, math.inf, 0.0))
     radius = torch.where(other, ratio, math.inf).amin(dim=1)
     margin = torch.where(other, gap, math.inf).amin(dim=1)
     correct = margin > 0
-    if guard is not None:
-        radius = radius - guard.to(radius) / lipschitz
+    if rounding is not None:
+        radius = radius * _DOWN
     radius = torch.where(correct, radius.clamp_min(0.0), torch.zeros_like(radius))
     return Certificate(radius=radius.cpu(), correct=correct.cpu(), predictions=z.argmax(1).cpu(),
                        margin=margin.cpu(), lipschitz=float(lipschitz), rule=rule)
@@ -139,77 +193,63 @@ def _check_labels(y: torch.Tensor, n: int, num_classes: int) -> torch.Tensor:
     return y.long()
 
 
-@torch.no_grad()
-def rounding_error(model: CertifiableModel, x: torch.Tensor) -> float:
-    """kappa^: the largest relative float32 rounding error of the model on x, measured.
-
-    Compares the float32 model (trunk and head, as predictions are computed) with a
-    float64 copy: max over points of max(||f32 - f64||, max_{j<k} |e_jk| / ||w_j - w_k||)
-    / ||f64||, where e_jk is the error of the logit difference z_j - z_k.
-    """
-    if x.shape[0] == 0:
-        return 0.0
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.autocast(device.type, enabled=False):
-            f32 = model.forward_features(x.to(device, torch.float32)).float()
-            z32 = model.forward_head(f32).double()
-            m64 = copy.deepcopy(model).double()
-            f64 = m64.forward_features(x.to(device, torch.float64)).double()
-            z64 = m64.forward_head(f64).double()
-            w = m64.head_weight().detach().double()
-    finally:
-        model.train(was_training)
-    feat = (f32.double() - f64).norm(dim=1)
-    e = z32 - z64
-    pair_err = (e[:, :, None] - e[:, None, :]).abs()          # (N, K, K)
-    dist = torch.cdist(w[None], w[None])[0]
-    logit = torch.where(dist > 0, pair_err / dist.clamp_min(1e-300), 0.0).flatten(1).amax(1)
-    return (torch.maximum(feat, logit) / f64.norm(dim=1).clamp_min(1e-30)).max().item()
+def _finite(*tensors: torch.Tensor, x: torch.Tensor) -> None:
+    if not all(bool(torch.isfinite(t).all()) for t in tensors):
+        raise ValueError(f"the float64 trunk overflowed (inputs up to |x| = {x.abs().max().item():.3g}): "
+                         "no certificate exists for such inputs; certify images with pixels in [0, 1]")
 
 
 @torch.no_grad()
 def certify(model: CertifiableModel, x: torch.Tensor, y: torch.Tensor, rule: str = "pairwise",
             batch_size: int = 512, lipschitz: float | None = None,
-            rounding_guard: bool | float = True) -> Certificate:
+            rounding_guard: bool = True, twin: Float64Twin | None = None) -> Certificate:
     """Certify ``model`` on images x (N, C, H, W) in [0, 1] with labels y (N,).
 
-    The trunk runs in float32 (no autocast), the head in float64; L is measured from
-    the weights as they are unless given. ``rounding_guard``: True measures kappa on
-    the first GUARD_PROBE points (module doc), a float gives kappa, False turns the
-    guard off (radii of the exact-arithmetic formula, for tests of the formula only).
+    L is measured from the weights as they are unless given. ``rounding_guard=True``:
+    the float64 twin and its a-priori rounding bound (module doc): the certificate holds
+    for the exact model and for the twin's float64 predictions on the whole ball.
+    ``False``: the exact-arithmetic formula on the model's float32 trunk (for tests of the
+    formula only: not sound under rounding). Independent of autocast and default dtype.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor of images, got {type(x).__name__}")
-    if not x.is_floating_point():  # the float32 cast below would silently accept 0..255 pixels
+    if not x.is_floating_point():  # the float cast below would silently accept 0..255 pixels
         raise TypeError(f"expected float pixels in [0, 1], got dtype {x.dtype}; "
                         "convert uint8 images with x.float() / 255")
+    if not isinstance(rounding_guard, bool):
+        raise ValueError(f"rounding_guard must be True (the proven float64 bound) or False (the "
+                         f"exact-arithmetic formula), got {rounding_guard!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     y = _check_labels(y, x.shape[0] if x.dim() else 0, model.num_classes)
-    lip = model.lipschitz_bound() if lipschitz is None else float(lipschitz)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    if rounding_guard is True:
-        kappa = rounding_error(model, x[:GUARD_PROBE]) * GUARD_SAFETY
-    else:
-        kappa = float(rounding_guard)
-        if not math.isfinite(kappa) or kappa < 0:
-            raise ValueError(f"rounding_guard must be True, False or a relative error >= 0, got {kappa}")
     certs = []
     try:
-        with torch.autocast(device.type, enabled=False):
+        with standard_numerics(model):
+            lip = model.lipschitz_bound() if lipschitz is None else float(lipschitz)
+            if rounding_guard and twin is None:
+                twin = Float64Twin(model)
+            elif not rounding_guard:
+                twin = None
+            validate = isinstance(model, CertifiableModel) and getattr(model, "validate_inputs", True)
             for i in range(0, max(x.shape[0], 1), batch_size):
-                xb = x[i:i + batch_size].to(device, torch.float32)
-                f = model.forward_features(xb).float()
-                z = model.forward_head(f.double())
-                guard = None
-                if rounding_guard is not False:
-                    k = max(kappa, math.sqrt(f.shape[1]) * _U32)
-                    guard = 2 * k * f.double().norm(dim=1)
-                certs.append(certified_radius(z, y[i:i + batch_size], model.head_weight(), lip, rule,
-                                              guard))
+                yb = y[i:i + batch_size]
+                if twin is None:
+                    f = model.forward_features(x[i:i + batch_size].to(device, torch.float32)).float()
+                    z = model.forward_head(f.double())
+                    certs.append(certified_radius(z, yb, model.head_weight(), lip, rule))
+                    continue
+                xb = x[i:i + batch_size].to(device, torch.float64)
+                if validate:
+                    check_images(xb, model.in_chans, model.image_size)
+                f, a, b, lip_f = propagate(twin.steps, xb)
+                z = twin.forward_head(f)
+                _finite(z, a, b, x=xb)
+                rb = RoundingBound(a, b, lip_f, f.norm(dim=1) * UP, twin.bias)
+                certs.append(certified_radius(z, yb, twin.weight, lip, rule, rb))
+            del twin
     finally:
         model.train(was_training)
     return Certificate.cat(certs)

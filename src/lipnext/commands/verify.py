@@ -1,7 +1,8 @@
 """`lipnext verify <run folder | weights.safetensors> --data SPEC`: check that the model's
 certificates hold (orthogonality, empirical Lipschitz bound, attacks inside certified
-radii, float32 vs float64). Prints a table, writes verify.json and verify.md, and exits
-with 1 when any check fails (2 on a usage error)."""
+radii, the float64 rounding bound). Shows a progress bar per check and prints each result as
+it is known; ``--budget`` bounds the attacks (points or seconds). Prints a table, writes
+verify.json and verify.md, and exits with 1 when any check fails (2 on a usage error)."""
 from __future__ import annotations
 
 import argparse
@@ -15,8 +16,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Checks (a) orthogonality of every orthogonal weight, (b) an empirical "
                        "lower bound of the trunk's Lipschitz constant against the claimed bound and the "
                        "head's consistency, (c) PGD with restarts and the DDN minimum-norm attack against "
-                       "every certified point within its certified radius, (d) float32 against float64 "
-                       "certificates. Exit code 1 when any check fails. Without --data, a run folder's "
+                       "every certified point within its certified radius (with torchattacks installed also APGD-CE/DLR "
+                       "and FAB), and the tightness (closest adversarial / certified radius), (d) the float64 "
+                       "twin and its rounding bound. Exit code 1 when any check fails. Without --data, a run folder's "
                        "config.yaml names the data.")
     p.add_argument("model", help="run folder or .safetensors weights")
     p.add_argument("--data", default=None, help="dataset spec: digits, npz:<file>, <file>.npz, "
@@ -25,8 +27,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--holdout", type=int, default=None, help="digits/npz: last N images are the test split")
     p.add_argument("--val-fraction", type=float, default=None)
     p.add_argument("--limit", type=int, default=None, help="use only the first N images of the split")
-    p.add_argument("--attack-points", type=int, default=500,
-                   help="attack the first N images (0: all; default 500)")
+    p.add_argument("--budget", default="100",
+                   help="attack budget: N points (the first N images), Ns seconds (e.g. 120s: attacks stop "
+                   "starting new batches after that long), or all (default 100 points: a first result fast)")
+    p.add_argument("--attack-points", type=int, default=None,
+                   help="attack the first N images (0: all); overrides a --budget in points")
+    p.add_argument("--library", choices=["auto", "yes", "no"], default="auto",
+                   help="torchattacks APGD-CE/DLR and FAB in addition to PGD and DDN: auto (when installed), "
+                   "yes (required), no")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--radii", type=float, nargs="+", default=None,
                    help="radii (in units of 1/--radius-unit) for CRA and the empirical robust accuracy "
                    "(default: the run's certify.radii, else 36 72 108)")
@@ -59,6 +68,23 @@ def _positive(name: str, value, allow_zero: bool = False) -> None:
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
+def parse_budget(text: str) -> tuple[int | None, float | None]:
+    """(points, seconds) from "N", "Ns" or "all"."""
+    t = text.strip().lower()
+    try:
+        if t == "all":
+            return None, None
+        if t.endswith("s"):
+            sec = float(t[:-1])
+            if sec > 0:
+                return None, sec
+        elif int(t) > 0:
+            return int(t), None
+    except ValueError:
+        pass
+    raise ValueError(f"--budget must be a number of points (e.g. 200), seconds (e.g. 120s) or all, got {text!r}")
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -69,6 +95,15 @@ def run(args: argparse.Namespace) -> int:
                  "lipschitz_restarts", "lipschitz_points", "batch_size", "radius_scale", "limit"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
     _positive("--attack-points", args.attack_points, allow_zero=True)
+    points, seconds = parse_budget(args.budget)
+    if args.attack_points is not None:
+        points = args.attack_points or None
+    library = {"auto": None, "yes": True, "no": False}[args.library]
+    if library:
+        from ..verify import library_available
+        if not library_available():
+            raise ValueError("--library yes needs torchattacks: pip install --no-deps torchattacks "
+                             "(see docs/RELIABILITY.md)")
     _positive("--ortho-tol", args.ortho_tol)
     t = load_target(args, "verify")
     target, model, ds, data, radii, unit = t.path, t.model, t.dataset, t.data, t.radii, t.unit
@@ -82,12 +117,12 @@ def run(args: argparse.Namespace) -> int:
     budget = Budget(pgd_steps=args.steps, pgd_restarts=args.restarts, ddn_steps=args.ddn_steps,
                     era_restarts=args.era_restarts, lipschitz_steps=args.lipschitz_steps,
                     lipschitz_restarts=args.lipschitz_restarts, lipschitz_points=args.lipschitz_points,
-                    attack_points=args.attack_points or None)
+                    attack_points=points, seconds=seconds, library=library)
     torch.manual_seed(args.seed)
     report = verify_model(model, x.to(args.device), y.to(args.device), eps=[r / unit for r in radii],
                           rule=args.rule, budget=budget, box=not args.no_box,
                           radius_scale=args.radius_scale, ortho_tol=args.ortho_tol, seed=args.seed,
-                          batch_size=args.batch_size)
+                          batch_size=args.batch_size, progress=not args.no_progress)
     report.info.update({"weights": str(target), "data": data, "split": args.split,
                         "radii": radii, "radius_unit": unit})
     out = Path(args.out) if args.out else (target if target.is_dir() else target.parent)

@@ -6,10 +6,13 @@
 (b) ``empirical_lipschitz``: gradient-ascent lower bound of the trunk's Lipschitz constant,
     which must not exceed ``lipschitz_bound()``; ``head_check``: the head computes
     W f + b with W = head_weight(), and forward = head o trunk;
-(c) ``attack_certified``: PGD with restarts and the DDN minimum-norm attack against every
-    certified point inside its certified radius (0 counterexamples required), and the
-    empirical robust accuracy against the CRA at each eps;
-(d) ``precision_check``: float32 certificates against float64 ones.
+(c) ``attack_certified``: PGD with restarts and the DDN minimum-norm attack (and, with
+    torchattacks installed, APGD-CE/DLR and FAB) against every certified point inside its
+    certified radius (0 counterexamples required), the empirical robust accuracy against
+    the CRA at each eps, and the tightness (closest adversarial / certified radius);
+(d) ``precision_check``: the float64 twin and its rounding bound against the formula.
+
+Runs outside any autocast and with float32 as the default dtype (``standard_numerics``).
 
 Works for any model with the lipnext interface (forward_features, forward_head,
 lipschitz_bound, head_weight, num_classes); models without orthogonal weights report
@@ -23,16 +26,18 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..certify import certify
-from .attacks import attack_certified, ddn_attack, pgd_attack
+from ..certify import certify, standard_numerics
+from .attacks import Progress, attack_certified, ddn_attack, pgd_attack, tightness
+from .library import apgd_attack, fab_attack, library_available
 from .lipschitz import empirical_lipschitz, head_check
 from .orthogonality import orthogonality_check
 from .precision import certify_float64, precision_check
 from .report import CheckResult, VerifyReport
 
-__all__ = ["Budget", "CheckResult", "VerifyReport", "attack_certified", "certify_float64",
-           "ddn_attack", "empirical_lipschitz", "head_check", "orthogonality_check",
-           "pgd_attack", "precision_check", "verify_model", "DEFAULT_EPS"]
+__all__ = ["Budget", "CheckResult", "VerifyReport", "apgd_attack", "attack_certified", "certify_float64",
+           "ddn_attack", "empirical_lipschitz", "fab_attack", "head_check", "library_available",
+           "orthogonality_check", "pgd_attack", "precision_check", "tightness", "verify_model",
+           "DEFAULT_EPS"]
 
 DEFAULT_EPS = (36 / 255, 72 / 255, 108 / 255)
 
@@ -49,6 +54,8 @@ class Budget:
     lipschitz_restarts: int = 4
     lipschitz_points: int = 32     # data points that start the Lipschitz ascent
     attack_points: int | None = None  # attack only the first n points (None: all)
+    seconds: float | None = None   # stop starting attack batches after this long (None: no limit)
+    library: bool | None = None    # torchattacks' APGD/FAB: None when installed, True required, False never
 
     @classmethod
     def fast(cls) -> "Budget":
@@ -60,31 +67,53 @@ class Budget:
 def verify_model(model, x: torch.Tensor, y: torch.Tensor, eps: Sequence[float] = DEFAULT_EPS,
                  rule: str = "pairwise", budget: Budget | None = None, box: bool = True,
                  radius_scale: float = 1.0, ortho_tol: float = 1e-4, lipschitz_rtol: float = 1e-3,
-                 attacks: bool = True, seed: int = 0, batch_size: int = 256) -> VerifyReport:
-    """Run checks (a)-(d) on ``model`` with images x (N, C, H, W) in [0, 1] and labels y."""
+                 attacks: bool = True, seed: int = 0, batch_size: int = 256,
+                 progress: bool = False) -> VerifyReport:
+    """Run checks (a)-(d) on ``model`` with images x (N, C, H, W) in [0, 1] and labels y.
+
+    ``progress``: a tqdm bar per check and attack phase, and each check's result printed
+    as soon as it is known.
+    """
     budget = budget or Budget()
     if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] == 0:
         raise ValueError("verify_model needs a non-empty batch of images x (N, C, H, W)")
     times, checks = {}, []
+    start = time.monotonic()
+    deadline = None if budget.seconds is None else start + budget.seconds
+    names = ["certify", "orthogonality", "empirical_lipschitz", "head"] + (["attack"] if attacks else []) \
+        + ["precision"]
+    bar = None
 
     def timed(name, fn, *a, **k):
+        if bar is not None:
+            bar.set_postfix_str(name)
         t = time.perf_counter()
         out = fn(*a, **k)
         times[name] = round(time.perf_counter() - t, 3)
+        if bar is not None:
+            bar.update(1)
+            if isinstance(out, CheckResult):
+                bar.write(f"{out.name}: {'pass' if out.passed else 'FAIL'}: {out.summary}")
         return out
 
-    cert = timed("certify", certify, model, x, y, rule=rule, batch_size=batch_size)
-    checks.append(timed("orthogonality", orthogonality_check, model, ortho_tol))
-    checks.append(timed("empirical_lipschitz", empirical_lipschitz, model, x[:budget.lipschitz_points],
-                        budget.lipschitz_steps, budget.lipschitz_restarts, rtol=lipschitz_rtol, seed=seed))
-    checks.append(timed("head", head_check, model, x[:256], seed=seed))
-    if attacks:
-        n = x.shape[0] if budget.attack_points is None else min(budget.attack_points, x.shape[0])
-        sub = cert.select(slice(n))
-        checks.append(timed("attack", attack_certified, model, x[:n], y[:n], sub, eps, budget.pgd_steps,
-                            budget.pgd_restarts, budget.ddn_steps, budget.era_restarts, box, radius_scale,
-                            batch_size, seed))
-    checks.append(timed("precision", precision_check, model, x, y, eps, rule, batch_size))
+    with standard_numerics(model):
+        cert = timed("certify", certify, model, x, y, rule=rule, batch_size=batch_size)
+        if progress:  # after certify, which checks the inputs: a usage error prints nothing else
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(names), initial=1, desc="verify", unit="check")
+        checks.append(timed("orthogonality", orthogonality_check, model, ortho_tol))
+        checks.append(timed("empirical_lipschitz", empirical_lipschitz, model, x[:budget.lipschitz_points],
+                            budget.lipschitz_steps, budget.lipschitz_restarts, rtol=lipschitz_rtol, seed=seed))
+        checks.append(timed("head", head_check, model, x[:256], seed=seed))
+        if attacks:
+            n = x.shape[0] if budget.attack_points is None else min(budget.attack_points, x.shape[0])
+            sub = cert.select(slice(n))
+            checks.append(timed("attack", attack_certified, model, x[:n], y[:n], sub, eps, budget.pgd_steps,
+                                budget.pgd_restarts, budget.ddn_steps, budget.era_restarts, box, radius_scale,
+                                batch_size, seed, budget.library, Progress(progress, deadline)))
+        checks.append(timed("precision", precision_check, model, x, y, eps, rule, batch_size))
+    if bar is not None:
+        bar.close()
     info = {"model": type(model).__name__, "arch": getattr(model, "arch", ""), "points": int(x.shape[0]),
             "rule": rule, "lipschitz_bound": cert.lipschitz, "clean_accuracy": cert.accuracy,
             "cra": {f"{e:.6g}": cert.cra(float(e)) for e in eps}, "box": "[0, 1]" if box else "none",

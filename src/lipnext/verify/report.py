@@ -64,6 +64,15 @@ class VerifyReport:
                  "| check | status | result |", "|---|---|---|"]
         lines += [f"| {c.name} | {'pass' if c.passed else '**FAIL**'} | {c.summary} |"
                   for c in self.checks]
+        for c in self.checks:
+            t = c.details.get("tightness") if isinstance(c.details, dict) else None
+            if t and t.get("points"):
+                keys = ("min", "q05", "q25", "median", "q75", "q95", "max")
+                lines += ["", "Tightness: closest adversarial example found / certified radius "
+                          f"({t['points']} certified points broken by some attack, "
+                          f"{t['never_broken']} never broken)", "",
+                          "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys),
+                          "| " + " | ".join(f"{t[k]:.3g}" for k in keys) + " |"]
         if self.info:
             lines += ["", "| setting | value |", "|---|---|"]
             lines += [f"| {k} | {v} |" for k, v in _plain(self.info).items()]
