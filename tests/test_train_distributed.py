@@ -1,10 +1,11 @@
-"""DDP and FSDP: 2 processes on CPU (gloo, launched by torchrun) give the result of 1 process
-on the same global batch; only rank 0 writes; FSDP checkpoints hold the unsharded layout and
-resume exactly."""
+"""DDP (owner-sharded orthogonal updates) and FSDP: 2 and 3 processes on CPU (gloo, launched by
+torchrun) give the result of 1 process on the same global batch; only rank 0 writes;
+checkpoints hold the unsharded layout and resume exactly under any strategy."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from lipnext.optim import ShardedManifoldAdam
 
 ARGS = ["data.name=digits", "model.name=lipnext_l4w64",
         "model.kwargs={depth: 2, width: 32, patch_size: 2}", "augment.crop_padding=1",
-        "train.batch_size=128", "train.epochs=1", "optim.warmup_epochs=0.5", "optim.lookahead_k=3",
+        "train.batch_size=120", "train.epochs=1", "optim.warmup_epochs=0.5", "optim.lookahead_k=3",
         "train.progress=false", "train.tensorboard=false", "train.log_every=1", "train.eval_every=0",
         "certify.radii=[36]"]
 
@@ -32,12 +33,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(*args: str) -> subprocess.CompletedProcess:
+def _torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
            "-m", "lipnext.cli", "train", *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -92,6 +93,32 @@ def test_fsdp_two_processes_match_one_and_resume_exactly(one, tmp_path):
     assert meta_a["param_groups"] == meta_b["param_groups"]
     proc = _torchrun("--config", str(two / "config.yaml"), "train.stop_at_step=null", "--resume")
     _assert_matches(one, two, proc)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first, second", [(("ddp", 3), ("fsdp", 2)), (("fsdp", 3), ("ddp", 2))])
+def test_three_processes_match_one_and_resume_under_another_strategy(one, tmp_path, first, second):
+    """Half the run under one strategy with 3 processes, the rest under another with 2 (and,
+    from the same checkpoint, in one process): every continuation is the one-process run."""
+    (strategy, nproc), (strategy2, nproc2) = first, second
+    run = tmp_path / "run"
+    _torchrun(*ARGS, f"run_dir={run}", f"dist.strategy={strategy}", "train.checkpoint_every_steps=5",
+              "train.stop_at_step=5", nproc=nproc)
+    a, b = one / "checkpoints" / "step_00000005", run / "checkpoints" / "step_00000005"
+    _assert_same_tensors(load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors")))
+    opt_a, opt_b = ({k: v for k, v in load_file(str(c / "optimizer.safetensors")).items()
+                     if not k.startswith("rng.")} for c in (a, b))
+    _assert_same_tensors(opt_a, opt_b)
+    alone = tmp_path / "alone"
+    shutil.copytree(run, alone)
+    train(load_config(str(alone / "config.yaml"), [f"run_dir={alone}", "train.stop_at_step=null",
+                                                  "dist.strategy=none", "resume=true"]))
+    _assert_same_tensors(load_file(str(one / "model.safetensors")),
+                         load_file(str(alone / "model.safetensors")))
+    torch.testing.assert_close(_losses(alone), _losses(one), rtol=1e-4, atol=1e-5)
+    proc = _torchrun("--config", str(run / "config.yaml"), "train.stop_at_step=null",
+                     f"dist.strategy={strategy2}", "--resume", nproc=nproc2)
+    _assert_matches(one, run, proc)
 
 
 def test_sharded_optimizer_needs_sharded_parameters():

@@ -61,6 +61,9 @@ class OptimConfig:
     warmup_epochs: Optional[float] = None  # linear warm-up, then cosine decay to min_lr;
     #                                      None: 5% of train.epochs, at most 20 (warmup_epochs())
     min_lr: float = 0.0
+    update: str = "fast_exp"             # X <- X exp(U) by: fast_exp | exact | cayley
+    precision: str = "fp32"              # arithmetic of that update: fp32 | fp64 | tf32 | bf16
+    chunk_size: Optional[int] = 8        # orthogonal matrices updated at a time (null = a whole stack)
 
 
 @dataclass
@@ -70,7 +73,7 @@ class LossConfig:
     eps_start: float = 0.1               # training eps ramps from eps_start x ...
     eps_end: float = 3.0                 # ... to eps_end x the target
     eps_ramp: float = 0.5                # over this share of training
-    lipschitz_every: int = 1             # measure model.lipschitz_bound() every N steps
+    lipschitz_every: int = 50            # model.lipschitz_bound() every N steps (docs/TRAINING.md)
     temperature: float = 1.0             # cross-entropy on T x logits (see lipnext.losses)
 
 
@@ -83,7 +86,7 @@ class TrainConfig:
     precision: str = "auto"              # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     compile: bool = False                # torch.compile the model
     activation_checkpointing: bool = False
-    retraction: str = "svd"              # per-epoch polar retraction: svd | newton_schulz | none
+    retraction: str = "auto"             # polar retraction: auto (newton_schulz on CUDA, else svd) | svd | newton_schulz | none (no per-epoch retraction)
     eval_every: int = 1                  # certify the val split every N epochs (0 = never)
     eval_max: Optional[int] = None       # certify at most this many val images
     checkpoint_every: int = 1            # epochs between checkpoints (0 = only at the end)
@@ -129,8 +132,9 @@ class Config:
 
 
 _CHOICES = {"loss.name": ("emma", "margin", "ce"), "train.precision": ("auto", "bf16", "fp32"),
-            "train.retraction": ("svd", "newton_schulz", "none"),
-            "optim.update": ("fast_exp", "exact", "cayley"), "train.on_nan": ("stop", "rollback"),
+            "train.retraction": ("auto", "svd", "newton_schulz", "none"),
+            "optim.update": ("fast_exp", "exact", "cayley"),
+            "optim.precision": ("fp32", "fp64", "tf32", "bf16"), "train.on_nan": ("stop", "rollback"),
             "certify.rule": ("pairwise", "sqrt2"), "certify.split": ("train", "val", "test", "none"),
             "dist.strategy": ("auto", "none", "ddp", "fsdp"),
             "dist.backend": ("auto", "nccl", "gloo"), "augment.pad_mode": ("reflect", "zeros")}
@@ -153,6 +157,8 @@ def _check(cfg: Config) -> Config:
         raise ValueError("certify.radius_unit must be > 0")
     if cfg.loss.temperature <= 0:
         raise ValueError(f"loss.temperature must be > 0, got {cfg.loss.temperature}")
+    if cfg.optim.chunk_size is not None and cfg.optim.chunk_size < 1:
+        raise ValueError(f"optim.chunk_size must be >= 1 or null, got {cfg.optim.chunk_size}")
     if cfg.loss.lipschitz_every < 1 or cfg.train.log_every < 1:
         raise ValueError("loss.lipschitz_every and train.log_every must be >= 1")
     if not cfg.optim.lr > 0 or cfg.optim.min_lr < 0:

@@ -1,11 +1,17 @@
 """One command for one CPU, one GPU or many: torch.distributed set up from torchrun's
 environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT); a single process otherwise.
 
-Strategies: ``none`` (one process), ``ddp`` (DistributedDataParallel: replicated weights,
-all-reduced gradients), ``fsdp`` (FSDP2 ``fully_shard`` on each block, then on the whole
+Strategies: ``none`` (one process), ``ddp`` (DistributedDataParallel over the ordinary
+parameters, ``gradient_as_bucket_view=True``; the orthogonal matrices are left out of its
+buckets and ``DDPManifoldAdam`` reduces each one's gradient to its owner rank, which updates
+it and broadcasts it), ``fsdp`` (FSDP2 ``fully_shard`` on each block, then on the whole
 model: each rank stores 1/W of the rows of every weight and gradient; weights are gathered
-block by block for the forward and backward passes; the optimizer is
-``ShardedManifoldAdam``, which gathers each orthogonal matrix on one owner rank).
+block by block for the forward and backward passes, in bf16 under bf16 training; the
+optimizer is ``ShardedManifoldAdam``, which gathers each orthogonal matrix on its owner only).
+
+``build_model`` allocates the orthogonal matrices on the meta device and initialises them on
+the training device (only the owner's under ``ddp``), so a 2B model never runs 65 float64
+QR factorisations of 5792 x 5792 on every rank's CPU.
 """
 from __future__ import annotations
 
@@ -17,15 +23,20 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, \
-    set_model_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     set_model_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
-from ..nn.orthogonal import is_orthogonal, mark_orthogonal
+from ..models import create_model
+from ..models.base import CertifiableModel
+from ..nn.orthogonal import deferred_orthogonal, init_orthogonal_, is_orthogonal, mark_orthogonal
+from ..optim import assign_owners
 
 __all__ = ["DistInfo", "setup", "teardown", "wrap_model", "barrier", "resolve_device", "shard_model",
-           "is_sharded", "unsharded", "full_state_dict", "load_full_state_dict"]
+           "is_sharded", "unsharded", "full_state_dict", "load_full_state_dict", "build_model",
+           "clip_gradients", "lipschitz_bound"]
 
 
 @dataclass
@@ -84,27 +95,57 @@ def teardown(info: DistInfo, created: bool) -> None:
         dist.destroy_process_group()
 
 
-def wrap_model(model: torch.nn.Module, info: DistInfo, device: torch.device) -> torch.nn.Module:
-    """The module to call for training: DDP around ``model``, or ``model`` sharded in place."""
+def build_model(name: str, info: DistInfo, device: torch.device, seed: int,
+                **kwargs: Any) -> CertifiableModel:
+    """``create_model(name, seed=seed, **kwargs)`` on ``device``, its orthogonal matrices built on
+    the meta device and initialised on ``device`` (``init_orthogonal_``, deterministic for the
+    seed); under ``ddp`` each rank initialises only the matrices it owns (``DDPManifoldAdam``
+    broadcasts them). A model with other random orthogonal factors is built on the CPU."""
+    with deferred_orthogonal():
+        model = create_model(name, seed=seed, **kwargs)
+    if any(t.is_meta for t in [*model.buffers(), *model.parameters()] if not is_orthogonal(t)):
+        return create_model(name, seed=seed, **kwargs).to(device)
+    sizes = [p.shape[0] for p in model.parameters() if is_orthogonal(p)]
+    owners = (assign_owners(sizes, info.world_size) if info.strategy == "ddp"
+              else [info.rank] * len(sizes))
+    init_orthogonal_(model, seed, device, select=lambda k: owners[k] == info.rank)
+    return model.to(device)
+
+
+def wrap_model(model: torch.nn.Module, info: DistInfo, device: torch.device,
+               bf16: bool = False) -> torch.nn.Module:
+    """The module to call for training: DDP around ``model``, or ``model`` sharded in place.
+
+    Under DDP the orthogonal matrices are left out of DDP's buckets (``build_optimizer`` then
+    picks ``DDPManifoldAdam``, which reduces their gradients to their owners): all-reducing
+    them as well would move twice the bytes of reduce + broadcast, for no use on the ranks that
+    do not update them."""
     if info.strategy == "fsdp":
-        return shard_model(model, device)
+        return shard_model(model, device, bf16)
     if info.strategy != "ddp":
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    orthogonal = [name for name, p in model.named_parameters() if is_orthogonal(p)]
+    DDP._set_params_and_buffers_to_ignore_for_model(model, orthogonal)
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+               gradient_as_bucket_view=True)
 
 
-def shard_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+def shard_model(model: torch.nn.Module, device: torch.device, bf16: bool = False) -> torch.nn.Module:
     """FSDP2 in place: ``fully_shard`` each of ``model.blocks`` (if any), then the model.
 
-    fully_shard swaps every parameter for a DTensor parameter, which loses the
+    ``bf16``: a ``MixedPrecisionPolicy`` gathers the parameters in bf16 for the forward and
+    backward passes and reduce-scatters the gradients in fp32 (the fp32 shards stay the master
+    weights). fully_shard swaps every parameter for a DTensor parameter, which loses the
     ``OrthogonalParameter`` class; the orthogonal ones are marked again by name.
     """
     orthogonal = {name for name, p in model.named_parameters() if is_orthogonal(p)}
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
+              else MixedPrecisionPolicy())
     for block in getattr(model, "blocks", []):
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     for name, p in model.named_parameters():
         if name in orthogonal:
             mark_orthogonal(p)
@@ -159,3 +200,25 @@ def all_true(flag: bool, info: DistInfo, device: torch.device) -> bool:
     t = torch.tensor([0.0 if flag else 1.0], device=device)
     dist.all_reduce(t)
     return bool(t.item() == 0)
+
+
+def clip_gradients(model: torch.nn.Module, optimizer: Any, max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm to ``max_norm``; return the norm before clipping (the same
+    on every rank). ``DDPManifoldAdam`` clips itself (its orthogonal gradients live on their
+    owners); FSDP's DTensor norm is made whole."""
+    if hasattr(optimizer, "clip_grad_norm_"):
+        return optimizer.clip_grad_norm_(max_norm)
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return gnorm.full_tensor() if isinstance(gnorm, DTensor) else gnorm
+
+
+def lipschitz_bound(model: CertifiableModel, info: DistInfo, device: torch.device) -> float:
+    """``model.lipschitz_bound()`` computed on rank 0 only and broadcast (collective; under FSDP
+    the weights are gathered for it)."""
+    with unsharded(model):
+        value = float(model.lipschitz_bound()) if info.is_main else 0.0
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(t, src=0)
+    return t.item()

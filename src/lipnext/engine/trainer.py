@@ -26,14 +26,12 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
-from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from ..config import Config, dataset_options, load_config, to_yaml, warmup_epochs
 from ..data import Augment, get_dataset, parse_spec
 from ..io import atomic_write, save_model
 from ..losses import LOSSES, eps_schedule
-from ..models import create_model
 from ..models.base import CertifiableModel, check_images
 from ..models.registry import build_from_config
 from ..optim import build_optimizer
@@ -41,8 +39,8 @@ from ..report import format_table, plot_certified_accuracy, results_dict, write_
 from .batches import BatchPlan, step_generator
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .evaluate import certify_dataset
-from .distributed import DistInfo, all_true, barrier, full_state_dict, is_sharded, setup, teardown, \
-    unsharded, wrap_model
+from .distributed import DistInfo, all_true, barrier, build_model, clip_gradients, full_state_dict, \
+    is_sharded, lipschitz_bound, setup, teardown, wrap_model
 from .metrics import MetricsLog
 from .schedule import lr_factor
 from .signals import StopOnSignal
@@ -116,8 +114,8 @@ class Trainer:
 
         kwargs = dict(OmegaConf.to_container(cfg.model.kwargs))
         kwargs.setdefault("mean", list(ds.mean))
-        self.model = create_model(cfg.model.name, num_classes=ds.num_classes, in_chans=ds.in_chans,
-                                  image_size=ds.image_size, seed=t.seed, **kwargs).to(device)
+        self.model = build_model(cfg.model.name, info, device, t.seed, num_classes=ds.num_classes,
+                                 in_chans=ds.in_chans, image_size=ds.image_size, **kwargs)
         if self.streaming:
             x_probe = ds[0][0][None].float() / 255.0
         else:
@@ -125,13 +123,13 @@ class Trainer:
         check_images(x_probe, self.model.in_chans, self.model.image_size)
         if t.activation_checkpointing:
             _enable_activation_checkpointing(self.model)
-        self.forward = wrap_model(self.model, info, device)   # FSDP shards self.model in place
+        self.forward = wrap_model(self.model, info, device, self.bf16)  # FSDP shards in place
         self.sharded = is_sharded(self.model)
         self.optimizer = build_optimizer(
             self.model, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
             nesterov=cfg.optim.nesterov, orthogonal_lr_scale=cfg.optim.orthogonal_lr_scale,
             lookahead_k=cfg.optim.lookahead_k, lookahead_alpha=cfg.optim.lookahead_alpha,
-            update=cfg.optim["update"])                 # (cfg.optim.update is DictConfig.update)
+            update=cfg.optim["update"], precision=cfg.optim.precision, chunk_size=cfg.optim.chunk_size)
 
         self.plan = BatchPlan(len(ds), t.batch_size, t.seed, len(self.gen_ds) if self.gen_ds else 0,
                               cfg.data.generated_fraction, info.world_size, info.rank)
@@ -284,9 +282,8 @@ class Trainer:
             g["lr"] = lr
         eps = eps_schedule(step / self.total_steps, self.eps_target, cfg.loss.eps_start,
                            cfg.loss.eps_end, cfg.loss.eps_ramp)
-        if self.lipschitz is None or step % cfg.loss.lipschitz_every == 0:
-            with unsharded(self.model):
-                self.lipschitz = float(self.model.lipschitz_bound())
+        if self.lipschitz is None or step % cfg.loss.lipschitz_every == 0:   # rank 0, broadcast
+            self.lipschitz = lipschitz_bound(self.model, self.info, self.device)
         x, y = self._batch(step)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             logits = self.forward(x)
@@ -297,9 +294,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        if isinstance(gnorm, DTensor):                # FSDP: the global norm, on every rank
-            gnorm = gnorm.full_tensor()
+        gnorm = clip_gradients(self.model, self.optimizer, clip)   # global norm, every rank
         stats = torch.stack([loss.detach().float(), (logits.argmax(1) == y).float().sum(),
                              gnorm.detach().float().to(loss.device)])
         if dist.is_initialized():

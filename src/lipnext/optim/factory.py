@@ -6,7 +6,10 @@ Parameter groups:
 - no_decay: 1-D parameters (biases, ...) and the parameters of ``PositionalEncoding``
   modules, weight decay 0.
 Frozen parameters (requires_grad=False) and empty groups are left out. A model sharded by
-FSDP (``fully_shard``: DTensor parameters) gets the same groups in a ``ShardedManifoldAdam``.
+FSDP (``fully_shard``: DTensor parameters) gets the same groups in a ``ShardedManifoldAdam``;
+a model whose orthogonal weights DDP was told to leave out of its buckets
+(``lipnext.engine.distributed.wrap_model`` with ``dist.strategy=ddp``) gets a
+``DDPManifoldAdam``, which reduces them to their owners instead.
 """
 from __future__ import annotations
 
@@ -15,8 +18,12 @@ from torch.distributed.tensor import DTensor
 
 from ..nn.orthogonal import is_orthogonal
 from ..nn.stem import PositionalEncoding
+from .ddp import DDPManifoldAdam
 from .manifold_adam import ManifoldAdam
 from .sharded import ShardedManifoldAdam
+
+#: where DDP reads the names of the parameters it leaves out of its buckets
+DDP_IGNORED = "_ddp_params_and_buffers_to_ignore"
 
 __all__ = ["build_optimizer"]
 
@@ -24,9 +31,10 @@ __all__ = ["build_optimizer"]
 def build_optimizer(model: nn.Module, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                     weight_decay: float = 0.0, nesterov: bool = True,
                     orthogonal_lr_scale: float = 0.5, lookahead_k: int = 5,
-                    lookahead_alpha: float = 0.5, update: str = "fast_exp") -> ManifoldAdam | ShardedManifoldAdam:
-    """ManifoldAdam over ``model.parameters()`` split into orthogonal / decay / no_decay groups;
-    ``update`` picks the rotation of the orthogonal step (fast_exp | exact | cayley)."""
+                    lookahead_alpha: float = 0.5, update: str = "fast_exp", precision: str = "fp32",
+                    chunk_size: int | None = None
+                    ) -> ManifoldAdam | DDPManifoldAdam | ShardedManifoldAdam:
+    """ManifoldAdam over ``model.parameters()`` split into orthogonal / decay / no_decay groups."""
     positional = {id(p) for m in model.modules() if isinstance(m, PositionalEncoding)
                   for p in m.parameters()}
     orthogonal, decay, no_decay = [], [], []
@@ -43,8 +51,13 @@ def build_optimizer(model: nn.Module, lr: float = 1e-3, betas: tuple[float, floa
               dict(params=decay, orthogonal=False),
               dict(params=no_decay, orthogonal=False, weight_decay=0.0)]
     groups = [g for g in groups if g["params"]]
-    sharded = any(isinstance(p, DTensor) for g in groups for p in g["params"])
-    cls = ShardedManifoldAdam if sharded else ManifoldAdam
-    return cls(groups, lr=lr, betas=betas, weight_decay=weight_decay, nesterov=nesterov,
-               orthogonal_lr_scale=orthogonal_lr_scale, lookahead_k=lookahead_k,
-               lookahead_alpha=lookahead_alpha, update=update)
+    options = dict(lr=lr, betas=betas, weight_decay=weight_decay, nesterov=nesterov,
+                   orthogonal_lr_scale=orthogonal_lr_scale, lookahead_k=lookahead_k,
+                   lookahead_alpha=lookahead_alpha, update=update, precision=precision,
+                   chunk_size=chunk_size)
+    if any(isinstance(p, DTensor) for g in groups for p in g["params"]):
+        return ShardedManifoldAdam(groups, **options)
+    ignored = set(getattr(model, DDP_IGNORED, ()))
+    if any(name in ignored for name, p in model.named_parameters() if is_orthogonal(p)):
+        return DDPManifoldAdam(groups, **options)
+    return ManifoldAdam(groups, **options)

@@ -13,7 +13,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["TAYLOR_THRESHOLDS", "fast_exp"]
+__all__ = ["EXP_METHODS", "PRECISIONS", "TAYLOR_THRESHOLDS", "exp_update", "fast_exp"]
+
+#: ways to compute exp(U) in ``exp_update``, and the arithmetic it may run in.
+EXP_METHODS = ("fast_exp", "exact", "cayley")
+PRECISIONS = ("fp32", "fp64", "tf32", "bf16")
 
 #: (bound, order) pairs: a matrix with ||A||_F < bound (first match) uses that Taylor order.
 TAYLOR_THRESHOLDS: tuple[tuple[float, int], ...] = ((0.05, 2), (0.25, 3), (1.0, 4))
@@ -49,3 +53,27 @@ def fast_exp(a: Tensor) -> Tensor:
         idx = exact.to(flat.device)
         out[idx] = torch.linalg.matrix_exp(flat[idx])
     return out.view(a.shape)
+
+
+def exp_update(x: Tensor, a: Tensor, *, method: str = "fast_exp", precision: str = "fp32") -> Tensor:
+    """X exp(A) for stacks of X (orthogonal) and A (skew), returned in the dtype of X.
+
+    ``method``: ``fast_exp`` (above), ``exact`` (``torch.linalg.matrix_exp``) or ``cayley``
+    ((I - A/2)^{-1} (I + A/2), orthogonal for any skew A, second order in A). ``precision``
+    ``fp64`` computes in float64; the other choices compute in float32 (at least the
+    dtype of X) here.
+    """
+    if method not in EXP_METHODS:
+        raise ValueError(f"unknown update {method!r}; choose one of {', '.join(EXP_METHODS)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    dtype = torch.float64 if precision == "fp64" else torch.promote_types(x.dtype, torch.float32)
+    xd, ad = x.to(dtype), a.to(dtype)
+    if method == "fast_exp":
+        e = fast_exp(ad)
+    elif method == "exact":
+        e = torch.linalg.matrix_exp(ad)
+    else:
+        eye = torch.eye(a.shape[-1], dtype=dtype, device=a.device)
+        e = torch.linalg.solve(eye - ad / 2, eye + ad / 2)
+    return (xd @ e).to(x.dtype)

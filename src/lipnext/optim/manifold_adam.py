@@ -9,7 +9,7 @@ For an orthogonal X with Euclidean gradient G, at step t (docs/CORE.md, Optimize
         NAdam: c_m = mu_{t+1} / (1 - mu_1...mu_{t+1}),  c_g = (1 - mu_t) / (1 - mu_1...mu_t),
                mu_t = b1 (1 - 0.5 * 0.96^(t * momentum_decay))   (as torch.optim.NAdam)
     U = -lr_eff (D + wd_o (X - X^T) / 2),  lr_eff = lr * orthogonal_lr_scale
-    X <- X @ FastExp(U)          (``update``: fast_exp | exact | cayley, see ``updates``)
+    X <- X @ FastExp(U)          (``update``: fast_exp | exact | cayley, see ``fast_exp.exp_update``)
 
 wd_o (``orthogonal_weight_decay``, 0 by default) is a decoupled pull towards the identity
 (the Riemannian gradient of ||X - I||^2 / 2): ||X||_F is constant on O(n), so shrinking X
@@ -20,10 +20,17 @@ Lookahead (``lookahead_k`` = K > 0): orthogonal X keep a slow copy X_slow and S,
 the steps U since the last sync; every K steps X_slow <- X_slow @ FastExp(alpha S), X <- X_slow,
 S <- 0. Ordinary parameters: slow <- slow + alpha (fast - slow), fast <- slow.
 
+``update`` picks how X exp(U) is computed (``fast_exp``, ``exact``, ``cayley``) and
+``precision`` its arithmetic (``fp32``, ``fp64``, ``tf32``, ``bf16``), both passed to
+``exp_update``; the arithmetic lives in ``lipnext.optim.functional``, shared with the
+distributed drivers.
+
 Batching: same-shaped orthogonal weights of a group are updated as one stack. Their state
 tensors (per parameter, torch.optim layout: ``step``, ``mu_product``, ``exp_avg``,
 ``exp_avg_sq`` and, with Lookahead, ``slow`` and ``lookahead_sum``) are views into stacked
-buffers, so a step moves no state; after ``load_state_dict`` the buffers are rebuilt.
+buffers, so a step moves no state; after ``load_state_dict`` the buffers are rebuilt. A stack
+is updated ``chunk_size`` matrices at a time (None: all at once), so the step's temporaries
+are a few matrices per chunk, not per stack; the result does not depend on it.
 """
 from __future__ import annotations
 
@@ -35,24 +42,16 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ..nn.orthogonal import is_orthogonal
-from .fast_exp import fast_exp
+from . import functional as F
+from .fast_exp import EXP_METHODS, PRECISIONS
+from .functional import lie_gradient, skew
 from .polar import group_by_shape, retract_
-from .updates import UPDATES
 
 __all__ = ["ManifoldAdam", "lie_gradient", "skew"]
 
 _SCALARS = ("step", "mu_product")  # float32 CPU scalars per parameter, as in torch.optim
 _MOMENTS = ("exp_avg", "exp_avg_sq")
-
-
-def skew(x: Tensor) -> Tensor:
-    """(X - X^T) / 2, the skew-symmetric part."""
-    return (x - x.mT) / 2
-
-
-def lie_gradient(x: Tensor, g: Tensor) -> Tensor:
-    """A = (X^T G - G^T X) / 2: the Riemannian gradient at X, pulled back to the Lie algebra."""
-    return skew(x.mT @ g)
+_OPTIONS = {"update": "fast_exp", "precision": "fp32"}  # groups saved before these existed
 
 
 def _is_row(t: Tensor | None, buf: Tensor, i: int) -> bool:
@@ -61,24 +60,10 @@ def _is_row(t: Tensor | None, buf: Tensor, i: int) -> bool:
             and t.data_ptr() == buf.data_ptr() + i * buf.stride(0) * buf.element_size())
 
 
-def _due(step: Tensor, k: int) -> Tensor:
-    """Indices of the entries whose step count is a multiple of k (Lookahead sync)."""
-    return (torch.remainder(step, k) == 0).nonzero().squeeze(1)
-
-
 def _coefficients(step: Tensor, mu_product: Tensor,
                   group: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
-    """Advance step (and mu_product) in place; return float64 (c_m, c_g, 1 - b2^t)."""
-    beta1, beta2 = group["betas"]
-    step += 1
-    t = step.double()
-    mu = beta1 * (1 - 0.5 * 0.96 ** (t * group["momentum_decay"]))
-    mu_next = beta1 * (1 - 0.5 * 0.96 ** ((t + 1) * group["momentum_decay"]))
-    mu_product.mul_(mu)
-    if group["nesterov"]:
-        prod = mu_product.double()
-        return mu_next / (1 - prod * mu_next), (1 - mu) / (1 - prod), 1 - beta2**t
-    return 1 / (1 - beta1**t), torch.zeros_like(t), 1 - beta2**t
+    return F.adam_coefficients(step, mu_product, group["betas"], group["momentum_decay"],
+                               group["nesterov"])
 
 
 class ManifoldAdam(Optimizer):
@@ -95,7 +80,8 @@ class ManifoldAdam(Optimizer):
                  weight_decay: float = 0.0, nesterov: bool = False,
                  orthogonal_lr_scale: float = 0.5, orthogonal_weight_decay: float = 0.0,
                  lookahead_k: int = 0, lookahead_alpha: float = 0.5,
-                 momentum_decay: float = 4e-3, update: str = "fast_exp"):
+                 momentum_decay: float = 4e-3, update: str = "fast_exp",
+                 precision: str = "fp32", chunk_size: int | None = None):
         if lr < 0 or eps < 0 or orthogonal_lr_scale < 0 or momentum_decay < 0:
             raise ValueError("lr, eps, orthogonal_lr_scale and momentum_decay must be >= 0")
         if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
@@ -104,15 +90,21 @@ class ManifoldAdam(Optimizer):
             raise ValueError("weight decays must be >= 0")
         if not isinstance(lookahead_k, int) or lookahead_k < 0:
             raise ValueError(f"lookahead_k must be an int >= 0 (0 disables), got {lookahead_k!r}")
-        if update not in UPDATES:
-            raise ValueError(f"update must be one of {', '.join(UPDATES)}, got {update!r}")
         if not 0 < lookahead_alpha <= 1:
             raise ValueError(f"lookahead_alpha must lie in (0, 1], got {lookahead_alpha}")
+        if update not in EXP_METHODS:
+            raise ValueError(f"update must be one of {', '.join(EXP_METHODS)}, got {update!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be an int >= 1 or None (whole stacks), got {chunk_size!r}")
+        self.chunk_size = chunk_size
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         nesterov=nesterov, momentum_decay=momentum_decay,
                         orthogonal_lr_scale=orthogonal_lr_scale,
                         orthogonal_weight_decay=orthogonal_weight_decay,
-                        lookahead_k=lookahead_k, lookahead_alpha=lookahead_alpha, update=update)
+                        lookahead_k=lookahead_k, lookahead_alpha=lookahead_alpha,
+                        update=update, precision=precision)
         # (group index, shape, dtype, device) -> (ids of the stacked params, stacked buffers)
         self._stacks: dict[tuple, tuple[tuple[int, ...], dict[str, Tensor]]] = {}
         super().__init__(params, defaults)
@@ -134,6 +126,12 @@ class ManifoldAdam(Optimizer):
         except ValueError:
             self.param_groups.pop()
             raise
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in _OPTIONS.items():
+                group.setdefault(key, value)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
@@ -160,7 +158,7 @@ class ManifoldAdam(Optimizer):
         return loss
 
     @torch.no_grad()
-    def retract(self, method: str = "svd") -> float:
+    def retract(self, method: str = "auto") -> float:
         """Polar-retract the orthogonal weights and their Lookahead slow copies in place.
 
         Returns the largest drift max|X^T X - I| before the retraction.
@@ -207,56 +205,36 @@ class ManifoldAdam(Optimizer):
         names = _SCALARS + _MOMENTS + (("slow", "lookahead_sum") if k else ())
         key = (index, tuple(params[0].shape), params[0].dtype, params[0].device)
         s = self._stacked(key, params, names, dtype)
-        x = torch.stack(params).to(dtype)
-        a = lie_gradient(x, torch.stack([p.grad for p in params]).to(dtype))
-
-        beta1, beta2 = group["betas"]
-        c_m, c_g, bc2 = (c.to(x.device, dtype).view(-1, 1, 1)
-                         for c in _coefficients(s["step"], s["mu_product"], group))
-        s["exp_avg"].lerp_(a, 1 - beta1)
-        s["exp_avg_sq"].mul_(beta2).addcmul_(a, a, value=1 - beta2)
-        denom = (s["exp_avg_sq"] / bc2).sqrt_().add_(group["eps"])
-        d = (s["exp_avg"] * c_m).addcmul_(a, c_g).div_(denom)
-        if group["orthogonal_weight_decay"]:
-            d.add_(skew(x), alpha=group["orthogonal_weight_decay"])
-        u = d.mul_(-group["lr"] * group["orthogonal_lr_scale"])
-        rotation = fast_exp if group["update"] == "fast_exp" else UPDATES[group["update"]]
-        x = x @ rotation(u)
-
-        if k:
-            s["lookahead_sum"].add_(u)
-            due = _due(s["step"], k).to(x.device)
-            if len(due):
-                slow = s["slow"][due] @ rotation(group["lookahead_alpha"] * s["lookahead_sum"][due])
-                s["slow"][due] = slow
-                s["lookahead_sum"][due] = 0
-                x[due] = slow
-        torch._foreach_copy_(params, list(x.unbind(0)))
+        coefficients = _coefficients(s["step"], s["mu_product"], group)
+        due = F.lookahead_due(s["step"], k) if k else None
+        rotation = dict(method=group["update"], precision=group["precision"])
+        size = self.chunk_size or len(params)
+        for i in range(0, len(params), size):
+            chunk, rows = params[i:i + size], slice(i, i + size)
+            x = torch.stack(chunk).to(dtype)
+            g = torch.stack([p.grad for p in chunk]).to(dtype)
+            c_m, c_g, bc2 = (c[rows].to(x.device, dtype).view(-1, 1, 1) for c in coefficients)
+            u = F.manifold_step_direction(
+                x, g, s["exp_avg"][rows], s["exp_avg_sq"][rows], c_m, c_g, bc2,
+                lr=group["lr"] * group["orthogonal_lr_scale"], betas=group["betas"],
+                eps=group["eps"], weight_decay=group["orthogonal_weight_decay"])
+            del g
+            x = F.rotate(x, u, **rotation)
+            if k:
+                x = F.lookahead_orthogonal_(x, s["slow"][rows], s["lookahead_sum"][rows], u,
+                                            due[rows], group["lookahead_alpha"], **rotation)
+            torch._foreach_copy_(chunk, list(x.unbind(0)))
 
     def _euclidean_step(self, index: int, params: list[Tensor], group: dict[str, Any]) -> None:
         s = self._stacked((index,), params, _SCALARS)
         c_m, c_g, bc2 = _coefficients(s["step"], s["mu_product"], group)
-        beta1, beta2 = group["betas"]
-        lr = group["lr"]
-        grads = [p.grad for p in params]
-        exp_avg = [self.state[p]["exp_avg"] for p in params]
-        exp_avg_sq = [self.state[p]["exp_avg_sq"] for p in params]
-
-        if group["weight_decay"]:
-            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
-        torch._foreach_lerp_(exp_avg, grads, 1 - beta1)
-        torch._foreach_mul_(exp_avg_sq, beta2)
-        torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - beta2)
-        denom = torch._foreach_div(exp_avg_sq, bc2.tolist())
-        torch._foreach_sqrt_(denom)
-        torch._foreach_add_(denom, group["eps"])
-        if group["nesterov"]:
-            torch._foreach_addcdiv_(params, grads, denom, (-lr * c_g).tolist())
-        torch._foreach_addcdiv_(params, exp_avg, denom, (-lr * c_m).tolist())
-
+        F.adam_foreach_(params, [p.grad for p in params],
+                        [self.state[p]["exp_avg"] for p in params],
+                        [self.state[p]["exp_avg_sq"] for p in params], c_m, c_g, bc2,
+                        lr=group["lr"], betas=group["betas"], eps=group["eps"],
+                        weight_decay=group["weight_decay"], nesterov=group["nesterov"])
         if group["lookahead_k"]:
-            fast = [params[i] for i in _due(s["step"], group["lookahead_k"]).tolist()]
-            if fast:
-                slow = [self.state[p]["slow"] for p in fast]
-                torch._foreach_lerp_(slow, fast, group["lookahead_alpha"])
-                torch._foreach_copy_(fast, slow)
+            fast = [params[i] for i in F.lookahead_due(s["step"], group["lookahead_k"]).nonzero()
+                    .squeeze(1).tolist()]
+            F.lookahead_euclidean_(fast, [self.state[p]["slow"] for p in fast],
+                                   group["lookahead_alpha"])

@@ -8,6 +8,8 @@ default, then cast back to the dtype of X):
   inside the basin of convergence), then X <- 1.5 X - 0.5 X X^T X = X (1.5 I - 0.5 X^T X)
   until max|X^T X - I| <= 100 sqrt(n) eps; matrices not converged after ``steps``
   iterations (e.g. near-singular ones) fall back to the SVD.
+- ``"auto"``: Newton–Schulz on CUDA (GEMMs only), the SVD elsewhere; the SVD stays the test
+  oracle of Newton–Schulz.
 """
 from __future__ import annotations
 
@@ -18,7 +20,19 @@ from torch import Tensor, nn
 
 from ..nn.orthogonal import is_orthogonal
 
-__all__ = ["group_by_shape", "polar_retract", "retract_", "retract_model"]
+__all__ = ["METHODS", "group_by_shape", "polar_retract", "resolve_method", "retract_",
+           "retract_model"]
+
+METHODS = ("auto", "svd", "newton_schulz")
+
+
+def resolve_method(method: str, device: torch.device) -> str:
+    """``auto`` -> ``newton_schulz`` on CUDA, ``svd`` elsewhere; other names unchanged."""
+    if method not in METHODS:
+        raise ValueError(f"unknown polar method {method!r}; use {', '.join(METHODS)}")
+    if method == "auto":
+        return "newton_schulz" if device.type == "cuda" else "svd"
+    return method
 
 
 def _svd_polar(x: Tensor) -> Tensor:
@@ -47,19 +61,17 @@ def _newton_schulz_polar(x: Tensor, steps: int) -> Tensor:
     return y
 
 
-def polar_retract(x: Tensor, method: str = "svd", steps: int = 16,
+def polar_retract(x: Tensor, method: str = "auto", steps: int = 16,
                   dtype: torch.dtype = torch.float64) -> Tensor:
     """U V^T for X = U S V^T (batched), computed in ``dtype`` and returned in X's dtype.
 
     ``steps`` is the maximum number of Newton–Schulz iterations (unused by ``"svd"``).
     """
     y = x.detach().to(dtype)
-    if method == "svd":
+    if resolve_method(method, x.device) == "svd":
         q = _svd_polar(y)
-    elif method == "newton_schulz":
-        q = _newton_schulz_polar(y, steps)
     else:
-        raise ValueError(f"unknown polar method {method!r}; use 'svd' or 'newton_schulz'")
+        q = _newton_schulz_polar(y, steps)
     return q.to(x.dtype)
 
 
@@ -72,7 +84,7 @@ def group_by_shape(tensors: Iterable[Tensor]) -> list[list[Tensor]]:
 
 
 @torch.no_grad()
-def retract_(tensors: Iterable[Tensor], method: str = "svd", steps: int = 16) -> float:
+def retract_(tensors: Iterable[Tensor], method: str = "auto", steps: int = 16) -> float:
     """Replace each square matrix in place by its polar factor, one batch per shape.
 
     Returns the largest drift max|X^T X - I| seen before the retraction (0.0 if none).

@@ -1,0 +1,135 @@
+"""The manifold optimizer's arithmetic as pure functions, shared by every driver.
+
+ManifoldAdam (one process), DDPManifoldAdam (owner-sharded under DDP) and ShardedManifoldAdam
+(FSDP) differ only in where X, G and the state live; each step they all call these
+functions (docs/CORE.md, Optimizer), in the spirit of torch.optim's functional ``adam()``:
+
+    A = skew(X^T G)                                           lie_gradient
+    c_m, c_g, 1 - b2^t                                        adam_coefficients (NAdam or Adam)
+    m <- b1 m + (1 - b1) A,  v <- b2 v + (1 - b2) A * A       update_moments_
+    U = -lr (D + wd skew(X)),  D = (c_m m + c_g A) / (sqrt(v / (1 - b2^t)) + eps)
+                                                              manifold_step_direction
+    X <- X exp(U)                                             rotate (exp_update)
+    S <- S + U; every K steps X_slow <- X_slow exp(alpha S), X <- X_slow, S <- 0
+                                                              lookahead_orthogonal_
+
+The state tensors are modified in place; X is returned (a new tensor).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .fast_exp import exp_update
+
+__all__ = ["adam_coefficients", "adam_foreach_", "lie_gradient", "lookahead_due",
+           "lookahead_euclidean_", "lookahead_orthogonal_", "manifold_step_direction", "rotate",
+           "skew", "update_moments_"]
+
+
+def skew(x: Tensor) -> Tensor:
+    """(X - X^T) / 2, the skew-symmetric part."""
+    return (x - x.mT) / 2
+
+
+def lie_gradient(x: Tensor, g: Tensor) -> Tensor:
+    """A = (X^T G - G^T X) / 2: the Riemannian gradient at X, pulled back to the Lie algebra."""
+    return skew(x.mT @ g)
+
+
+def adam_coefficients(step: Tensor, mu_product: Tensor, betas: tuple[float, float],
+                      momentum_decay: float, nesterov: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Advance ``step`` (and ``mu_product``) in place; return float64 (c_m, c_g, 1 - b2^t).
+
+    Adam: c_m = 1 / (1 - b1^t), c_g = 0. NAdam (as torch.optim.NAdam):
+    mu_t = b1 (1 - 0.5 * 0.96^(t * momentum_decay)), c_m = mu_{t+1} / (1 - mu_1...mu_{t+1}),
+    c_g = (1 - mu_t) / (1 - mu_1...mu_t).
+    """
+    beta1, beta2 = betas
+    step += 1
+    t = step.double()
+    mu = beta1 * (1 - 0.5 * 0.96 ** (t * momentum_decay))
+    mu_next = beta1 * (1 - 0.5 * 0.96 ** ((t + 1) * momentum_decay))
+    mu_product.mul_(mu)
+    if nesterov:
+        prod = mu_product.double()
+        return mu_next / (1 - prod * mu_next), (1 - mu) / (1 - prod), 1 - beta2**t
+    return 1 / (1 - beta1**t), torch.zeros_like(t), 1 - beta2**t
+
+
+def update_moments_(exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor,
+                    betas: tuple[float, float]) -> None:
+    """m <- b1 m + (1 - b1) G,  v <- b2 v + (1 - b2) G * G (in place)."""
+    exp_avg.lerp_(grad, 1 - betas[0])
+    exp_avg_sq.mul_(betas[1]).addcmul_(grad, grad, value=1 - betas[1])
+
+
+def manifold_step_direction(x: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
+                            c_m: Tensor, c_g: Tensor, bc2: Tensor, *, lr: float,
+                            betas: tuple[float, float], eps: float,
+                            weight_decay: float = 0.0) -> Tensor:
+    """The skew step U of a stack (k, n, n); the moments are updated in place.
+
+    ``c_m``, ``c_g``, ``bc2`` are (k, 1, 1) in the dtype of X (see ``adam_coefficients``).
+    """
+    a = lie_gradient(x, g)
+    update_moments_(exp_avg, exp_avg_sq, a, betas)
+    denom = (exp_avg_sq / bc2).sqrt_().add_(eps)
+    d = (exp_avg * c_m).addcmul_(a, c_g).div_(denom)
+    del a, denom
+    if weight_decay:
+        d.add_(skew(x), alpha=weight_decay)
+    return d.mul_(-lr)
+
+
+def rotate(x: Tensor, u: Tensor, method: str = "fast_exp", precision: str = "fp32") -> Tensor:
+    """X exp(U) (a stack), by ``exp_update``: ``method`` fast_exp | exact | cayley."""
+    return exp_update(x, u, method=method, precision=precision)
+
+
+def lookahead_due(step: Tensor, k: int) -> Tensor:
+    """Boolean mask of the entries whose step count is a multiple of k (Lookahead sync)."""
+    return torch.remainder(step, k) == 0
+
+
+def lookahead_orthogonal_(x: Tensor, slow: Tensor, lookahead_sum: Tensor, u: Tensor, due: Tensor,
+                          alpha: float, method: str = "fast_exp",
+                          precision: str = "fp32") -> Tensor:
+    """S <- S + U; where ``due``: X_slow <- X_slow exp(alpha S), S <- 0, X <- X_slow.
+
+    ``slow`` and ``lookahead_sum`` are updated in place; X is returned (rows replaced)."""
+    lookahead_sum.add_(u)
+    idx = due.nonzero().squeeze(1).to(x.device)
+    if len(idx):
+        synced = rotate(slow[idx], alpha * lookahead_sum[idx], method, precision)
+        slow[idx] = synced
+        lookahead_sum[idx] = 0
+        x[idx] = synced
+    return x
+
+
+def adam_foreach_(params: list[Tensor], grads: list[Tensor], exp_avg: list[Tensor],
+                  exp_avg_sq: list[Tensor], c_m: Tensor, c_g: Tensor, bc2: Tensor, *, lr: float,
+                  betas: tuple[float, float], eps: float, weight_decay: float,
+                  nesterov: bool) -> None:
+    """The Euclidean Adam/NAdam step with decoupled weight decay p <- (1 - lr wd) p, in place.
+
+    ``c_m``, ``c_g``, ``bc2`` are float64 CPU vectors, one entry per parameter."""
+    if weight_decay:
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+    torch._foreach_lerp_(exp_avg, grads, 1 - betas[0])
+    torch._foreach_mul_(exp_avg_sq, betas[1])
+    torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - betas[1])
+    denom = torch._foreach_div(exp_avg_sq, bc2.tolist())
+    torch._foreach_sqrt_(denom)
+    torch._foreach_add_(denom, eps)
+    if nesterov:
+        torch._foreach_addcdiv_(params, grads, denom, (-lr * c_g).tolist())
+    torch._foreach_addcdiv_(params, exp_avg, denom, (-lr * c_m).tolist())
+
+
+def lookahead_euclidean_(fast: list[Tensor], slow: list[Tensor], alpha: float) -> None:
+    """slow <- slow + alpha (fast - slow), fast <- slow (in place)."""
+    if fast:
+        torch._foreach_lerp_(slow, fast, alpha)
+        torch._foreach_copy_(fast, slow)
