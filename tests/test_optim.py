@@ -1,7 +1,6 @@
 """Manifold optimizer: FastExp, polar retraction, ManifoldAdam, Lookahead, build_optimizer."""
 import copy
 import io
-import math
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import lipnext.optim.functional as functional
 import lipnext.optim.polar as polar
 from lipnext.nn import (OrthogonalParameter, PositionalEncoding, orthogonality_error,
                         random_orthogonal)
-from lipnext.optim import (TAYLOR_THRESHOLDS, ManifoldAdam, build_optimizer, fast_exp, lie_gradient,
+from lipnext.optim import (ManifoldAdam, build_optimizer, fast_exp, lie_gradient,
                            polar_retract, retract_model)
 
 
@@ -32,14 +31,6 @@ def random_skew(n, norm, batch=(), dtype=torch.float64):
     return (a * (norm / torch.linalg.matrix_norm(a))[..., None, None]).to(dtype)
 
 
-def taylor(a, order):
-    out, term = torch.eye(a.shape[-1], dtype=a.dtype).expand_as(a).clone(), a
-    for j in range(1, order + 1):
-        out = out + term
-        term = term @ a / (j + 1)
-    return out
-
-
 def orth_error(x):
     """max |X^T X - I| over a batch, in float64."""
     return max(orthogonality_error(m) for m in x.reshape(-1, *x.shape[-2:]))
@@ -50,64 +41,7 @@ def same_component_target(x0, scale):
     return x0 @ torch.linalg.matrix_exp(random_skew(x0.shape[-1], scale, dtype=x0.dtype))
 
 
-# ---------------------------------------------------------------- FastExp
-
-REGIMES = [(0.01, 2), (0.1, 3), (0.5, 4), (3.0, None)]  # (||A||_F, Taylor order or exact)
-
-
-def test_thresholds_are_the_design_ones():
-    assert TAYLOR_THRESHOLDS == ((0.05, 2), (0.25, 3), (1.0, 4))
-
-
-@pytest.mark.parametrize("norm,order", REGIMES)
-def test_fast_exp_matches_matrix_exp_to_truncation_order(norm, order):
-    a = random_skew(8, norm, batch=(4,))
-    out = fast_exp(a)
-    exact = torch.linalg.matrix_exp(a)
-    err = torch.linalg.matrix_norm(out - exact).max().item()
-    if order is None:
-        assert err < 1e-12
-        return
-    # the Taylor polynomial of exactly this order, and the Lagrange remainder bound
-    torch.testing.assert_close(out, taylor(a, order), rtol=0, atol=1e-14)
-    assert err <= norm ** (order + 1) / math.factorial(order + 1) * math.exp(norm)
-    # and not the next order: the error is that of order k, not k + 1
-    assert err > torch.linalg.matrix_norm(taylor(a, order + 1) - exact).max().item()
-
-
-@pytest.mark.parametrize("norm,order", REGIMES[:3])
-def test_fast_exp_of_skew_is_orthogonal_to_truncation_order(norm, order):
-    out = fast_exp(random_skew(8, norm, batch=(4,)))
-    # E_k(-A) E_k(A) - I only has terms of degree k+1..2k, each <= (2||A||)^d / d!
-    bound = sum((2 * norm) ** d / math.factorial(d) for d in range(order + 1, 2 * order + 1))
-    assert orth_error(out) <= bound
-
-
-def test_fast_exp_threshold_edges():
-    for bound, order in TAYLOR_THRESHOLDS:
-        below = random_skew(6, bound * (1 - 1e-9))
-        at = random_skew(6, bound)
-        torch.testing.assert_close(fast_exp(below), taylor(below, order), rtol=0, atol=1e-15)
-        nxt = taylor(at, order + 1) if order < 4 else torch.linalg.matrix_exp(at)
-        torch.testing.assert_close(fast_exp(at), nxt, rtol=0, atol=1e-15)
-
-
-def test_fast_exp_mixed_batch_selects_per_matrix():
-    norms = torch.tensor([[0.01, 3.0, 0.1], [0.5, 0.02, 2.0]], dtype=torch.float64)
-    a = random_skew(7, norms, batch=(2, 3))
-    out = fast_exp(a)
-    assert out.shape == a.shape
-    for i in range(2):
-        for j in range(3):
-            torch.testing.assert_close(out[i, j], fast_exp(a[i, j]), rtol=0, atol=1e-15)
-    exact = torch.linalg.matrix_exp(a)
-    assert torch.linalg.matrix_norm(out - exact).max() < 0.5**5 / 120 * math.exp(0.5)
-
-
-def test_fast_exp_rejects_non_square_and_survives_nan():
-    with pytest.raises(ValueError):
-        fast_exp(torch.zeros(3, 4))
-    assert torch.isnan(fast_exp(torch.full((2, 3, 3), float("nan")))).all()
+# FastExp and exp_update: tests/test_fast_exp.py
 
 
 # ---------------------------------------------------------------- Riemannian direction and step

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .fast_exp import exp_update
+from .exp_update import exp_update
 
 __all__ = ["adam_coefficients", "adam_foreach_", "lie_gradient", "lookahead_due",
            "lookahead_euclidean_", "lookahead_orthogonal_", "manifold_step_direction", "rotate",

@@ -43,7 +43,8 @@ from torch.optim import Optimizer
 
 from ..nn.orthogonal import is_orthogonal
 from . import functional as F
-from .fast_exp import EXP_METHODS, PRECISIONS
+from .exp_update import METHODS as EXP_METHODS
+from .precision import PRECISIONS
 from .functional import lie_gradient, skew
 from .polar import group_by_shape, retract_
 

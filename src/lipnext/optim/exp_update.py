@@ -1,0 +1,55 @@
+"""The orthogonal update X exp(A), computed as X + X (E - I) (docs/CORE.md, Optimizer).
+
+E - I comes from ``method``:
+
+    fast_exp:  W = fast_expm1(A)                  scaling and squaring, Paterson–Stockmeyer
+    exact:     W = torch.linalg.matrix_exp(A) - I
+    cayley:    W = (I - A/2)^{-1} (I + A/2) - I = (I - A/2)^{-1} A      (one solve)
+
+and every matrix product (those inside fast_expm1, and X W) runs in ``precision``
+(``lipnext.optim.precision``); the sum X + X W is fp32 (fp64 for "fp64"). Since
+||W|| ~ ||A||, the product's rounding error is about u ||X|| ||A||: the low-precision
+arithmetic only ever touches the small quantities, and the orthogonality drift of X
+stays at the fp32 level (tests/test_fast_exp.py).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .fast_exp import fast_expm1
+from .precision import product
+
+__all__ = ["METHODS", "exp_update"]
+
+METHODS = ("fast_exp", "exact", "cayley")
+
+
+def _exact_expm1(a: Tensor) -> Tensor:
+    return torch.linalg.matrix_exp(a) - torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+
+
+def _cayley_expm1(a: Tensor) -> Tensor:
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    return torch.linalg.solve(eye - a / 2, a)
+
+
+def exp_update(x: Tensor, a: Tensor, *, method: str = "fast_exp", precision: str = "fp32") -> Tensor:
+    """X exp(A) (or X cay(A) for "cayley") for X (..., m, n), A (..., n, n), returned in X's dtype.
+
+    The arithmetic is float64 for precision "fp64", float32 otherwise.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+    prec = product(precision)
+    if (a.dim() < 2 or a.shape[-1] != a.shape[-2] or x.shape[-1] != a.shape[-1]
+            or x.shape[:-2] != a.shape[:-2]):
+        raise ValueError(f"exp_update needs X (..., m, n) and A (..., n, n) with the same batch "
+                         f"shape, got {tuple(x.shape)} and {tuple(a.shape)}")
+    xw, aw = x.to(prec.dtype), a.to(prec.dtype)
+    if method == "fast_exp":
+        w = fast_expm1(aw, precision)
+    else:
+        w = (_exact_expm1 if method == "exact" else _cayley_expm1)(aw)
+    flat = xw.reshape(-1, *x.shape[-2:])
+    return prec.addmm(flat, flat, w.reshape(-1, *w.shape[-2:])).view(x.shape).to(x.dtype)

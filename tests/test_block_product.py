@@ -1,0 +1,133 @@
+"""LipNeXtBlock: the two orders of the channel mix agree; the cheaper one is chosen; compiled = eager."""
+import warnings
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from lipnext.models.lipnext import LipNeXtBlock, block_forward, channel_mix
+from lipnext.nn import random_orthogonal
+
+
+def make_block(width=12, grid=(4, 4), seed=0):
+    torch.manual_seed(seed)
+    block = LipNeXtBlock(width, grid).double()
+    with torch.no_grad():
+        block.pos.pos.normal_()
+        block.bias.normal_()
+    return block
+
+
+def test_fused_and_token_orders_agree_in_value_and_gradient():
+    torch.manual_seed(1)
+    r = random_orthogonal(16, dtype=torch.float64).requires_grad_()
+    m = random_orthogonal(16, dtype=torch.float64).requires_grad_()
+    y = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 5, 16, dtype=torch.float64)
+    results = []
+    for fuse in (True, False):
+        out = channel_mix(y, r, m, fuse)
+        grads = torch.autograd.grad((out * w).sum(), (y, r, m))
+        results.append((out, grads))
+    (o1, g1), (o2, g2) = results
+    torch.testing.assert_close(o1, o2, rtol=0, atol=1e-13)
+    torch.testing.assert_close(o1, y @ r @ m.mT, rtol=0, atol=1e-13)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def matmul_flops(fn) -> int:
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+@pytest.mark.parametrize("batch,fused", [(1, False), (2, True)])
+def test_the_cheaper_order_is_chosen(batch, fused):
+    """C = 24 channels, 4 x 4 grid: N = 16 B token rows; fuse iff N > C (B = 2)."""
+    c, n = 24, 16 * batch
+    block = make_block(c)
+    x = torch.randn(batch, 4, 4, c, dtype=torch.float64)
+    flops = matmul_flops(lambda: block_forward(block, x))
+    fused_flops = 2 * (c ** 3 + 2 * n * c * c)
+    token_flops = 2 * 3 * n * c * c
+    assert flops == (fused_flops if fused else token_flops)
+    assert flops == min(fused_flops, token_flops)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_block_output_and_gradients_do_not_depend_on_the_order(monkeypatch, batch):
+    import lipnext.models.lipnext as lipnext_module
+    block = make_block()
+    x = torch.randn(batch, 4, 4, 12, dtype=torch.float64, requires_grad=True)
+    runs = []
+    for fuse in (True, False):
+        monkeypatch.setattr(lipnext_module, "channel_mix",
+                            lambda y, r, m, fuse_=None, f=fuse: channel_mix(y, r, m, f))
+        out = block(x)
+        params = [x, block.R, block.M, block.bias, block.pos.pos]
+        runs.append((out, torch.autograd.grad(out.square().sum(), params)))
+    (o1, g1), (o2, g2) = runs
+    torch.testing.assert_close(o1, o2, rtol=0, atol=1e-12)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
+
+
+def test_eager_by_default_on_cpu(monkeypatch):
+    import lipnext.models.lipnext as lipnext_module
+
+    def refuse():
+        raise AssertionError("compiled on CPU without being asked")
+    monkeypatch.setattr(lipnext_module, "_compiled_block_forward", refuse)
+    block = make_block()
+    block(torch.randn(1, 4, 4, 12, dtype=torch.float64))
+
+
+def test_a_failing_compile_falls_back_to_eager(monkeypatch):
+    import lipnext.models.lipnext as lipnext_module
+
+    def broken(*args):
+        raise RuntimeError("no compiler here")
+    monkeypatch.setattr(lipnext_module, "_compiled_block_forward", lambda: broken)
+    monkeypatch.setattr(lipnext_module, "_COMPILE", {"broken": False})
+    monkeypatch.setattr(LipNeXtBlock, "compiled", True)
+    block = make_block()
+    x = torch.randn(1, 4, 4, 12, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="running eager"):
+        out = block(x)
+    torch.testing.assert_close(out, block_forward(block, x), rtol=0, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        block(x)                                  # no second attempt, no second warning
+
+
+@pytest.mark.slow
+def test_compiled_block_equals_eager(monkeypatch):
+    import torch._dynamo.utils as dynamo_utils
+
+    import lipnext.models.lipnext as lipnext_module
+    monkeypatch.setattr(LipNeXtBlock, "compiled", True)
+    monkeypatch.setattr(lipnext_module, "_COMPILE", {"broken": False})
+    torch._dynamo.reset()
+    torch.manual_seed(2)
+    blocks = [LipNeXtBlock(16, (4, 4)) for _ in range(2)]
+    for b in blocks:
+        with torch.no_grad():
+            b.pos.pos.normal_()
+            b.bias.normal_()
+    x = torch.randn(2, 4, 4, 16, requires_grad=True)
+    outs = []
+    for run in (lambda b, h: b(h), block_forward):
+        h = x
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)   # a compile failure warns
+            for b in blocks:
+                h = run(b, h)
+        grads = torch.autograd.grad(h.square().sum(), [x] + [p for b in blocks for p in b.parameters()])
+        outs.append((h, grads))
+    assert dynamo_utils.counters["stats"]["unique_graphs"] >= 1
+    (o1, g1), (o2, g2) = outs
+    torch.testing.assert_close(o1, o2, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
