@@ -37,7 +37,9 @@ def _cayley_expm1(a: Tensor) -> Tensor:
 def exp_update(x: Tensor, a: Tensor, *, method: str = "fast_exp", precision: str = "fp32") -> Tensor:
     """X exp(A) (or X cay(A) for "cayley") for X (..., m, n), A (..., n, n), returned in X's dtype.
 
-    The arithmetic is float64 for precision "fp64", float32 otherwise.
+    E - I and X (E - I) are computed in ``precision`` (float64 for "fp64", float32 otherwise);
+    the sum X + X (E - I) is formed in the wider of that and X's dtype, so a float64 X keeps
+    float64 accuracy where U is 0 or tiny (and X is returned unchanged for U = 0).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
@@ -51,5 +53,7 @@ def exp_update(x: Tensor, a: Tensor, *, method: str = "fast_exp", precision: str
         w = fast_expm1(aw, precision)
     else:
         w = (_exact_expm1 if method == "exact" else _cayley_expm1)(aw)
-    flat = xw.reshape(-1, *x.shape[-2:])
-    return prec.addmm(flat, flat, w.reshape(-1, *w.shape[-2:])).view(x.shape).to(x.dtype)
+    flat, w = xw.reshape(-1, *x.shape[-2:]), w.reshape(-1, *w.shape[-2:])
+    if x.dtype.itemsize <= prec.dtype.itemsize:
+        return prec.addmm(flat, flat, w).view(x.shape).to(x.dtype)
+    return x + prec.mm(flat, w).view(x.shape).to(x.dtype)
