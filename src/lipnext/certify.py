@@ -165,10 +165,10 @@ def certified_radius(logits: torch.Tensor, y: torch.Tensor, head_weight: torch.T
     num = gap
     if rounding is not None:
         alpha, beta = _pair_error(rounding, w, y, dist_y)
-        # 2u|gap|: the subtraction z_y - z_j; the extra 2u (|gap| + 2 alpha) and UP cover the
-        # rounding of this numerator and denominator themselves (a lower and an upper bound).
+        # 2u|gap|: the subtraction z_y - z_j; the extra 2u (|gap| + 2 alpha) and 1 + 8u cover
+        # the rounding of this numerator and denominator themselves (a lower and an upper bound).
         num = gap - 2 * alpha - 4 * U64 * (gap.abs() + 2 * alpha)
-        k_pair = (k_pair + 2 * beta) * UP
+        k_pair = (k_pair + 2 * beta) * (1 + 8 * U64)
     ratio = torch.where(k_pair > 0, num / k_pair.clamp_min(1e-300),
                         torch.where(num > 0, math.inf, 0.0))
     radius = torch.where(other, ratio, math.inf).amin(dim=1)
