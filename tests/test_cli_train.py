@@ -91,9 +91,9 @@ def test_user_errors_are_one_line(tmp_path, capsys):
 
 def test_print_config_and_models(capsys):
     assert main(["train", "--config", str(REPO / "configs" / "cifar10_l32w1024.yaml"), "--print-config",
-                 "train.epochs=7"]) == 0
+                 "train.epochs=70"]) == 0
     cfg = OmegaConf.create(capsys.readouterr().out)
-    assert cfg.train.epochs == 7 and cfg.model.name == "lipnext_l32w1024" and cfg.optim.grad_clip == 3.0
+    assert cfg.train.epochs == 70 and cfg.model.name == "lipnext_l32w1024" and cfg.optim.grad_clip == 3.0
     assert main(["models", "l32"]) == 0
     assert "lipnext_l32w2048" in capsys.readouterr().out
 

@@ -253,7 +253,7 @@ def test_bad_holdout_and_unscaled_pixels(tmp_path):
             get_dataset(str(path), "train", holdout=bad)
     x = torch.zeros(2, 1, 4, 4)
     x[0, 0, 0, 0] = 255.0
-    with pytest.warns(UserWarning, match=r"inputs lie in \[0, 255\], far outside \[0, 1\].*divide"):
+    with pytest.warns(UserWarning, match=r"inputs lie far outside \[0, 1\] \(below -1 or above 2\).*divide"):
         ArrayDataset(x, torch.zeros(2, dtype=torch.long), 2, (0.5,))
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -9,6 +9,8 @@ import lipnext
 from lipnext.data import get_dataset
 from lipnext.demo import DemoConfig, run_demo
 
+pytestmark = pytest.mark.slow          # the module trains the demo model for 8 epochs
+
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):

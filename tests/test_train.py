@@ -319,3 +319,15 @@ def test_extending_a_finished_run(tmp_path, capsys):
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match=r"at step 30, beyond the 10 steps of train.epochs=1; set train.epochs >= 3"):
         train(cfg(tmp_path, "resume=true", "train.epochs=1", name="b"))
+
+
+def test_the_walkthroughs_short_run_reaches_its_learning_rate(tmp_path, capsys):
+    """`lipnext train model.name=lipnext_l4w64 train.epochs=6` spent all its 30 steps in a
+    20-epoch warm-up (lr <= 0.3 x optim.lr); now it warms up for 2 steps, then decays."""
+    train(load_config(None, ["model.name=lipnext_l4w64", "train.epochs=6", f"run_dir={tmp_path / 'r'}",
+                             "train.progress=false", "train.tensorboard=false", "train.checkpoint=false",
+                             "train.log_every=1", "train.eval_every=0"]))
+    assert "x 6 epochs = 30, warm-up 2" in capsys.readouterr().out
+    lr = [r["lr"] for r in read_metrics(tmp_path / "r" / "metrics.jsonl") if r["kind"] == "train"]
+    assert len(lr) == 30 and lr[0] == pytest.approx(0.5e-3) and lr[1] == pytest.approx(1e-3)
+    assert lr == sorted(lr[:2]) + sorted(lr[2:], reverse=True) and lr[-1] < 0.01e-3

@@ -72,12 +72,14 @@ def _assert_matches(one: Path, two: Path, proc: subprocess.CompletedProcess) -> 
     assert sorted(p.name for p in one.iterdir()) == sorted(p.name for p in two.iterdir())
 
 
+@pytest.mark.distributed
 def test_ddp_two_processes_match_one(one, tmp_path):
     two = tmp_path / "two"
     proc = _torchrun(*ARGS, f"run_dir={two}", "dist.strategy=ddp", "train.checkpoint_every_steps=5")
     _assert_matches(one, two, proc)
 
 
+@pytest.mark.distributed
 def test_fsdp_two_processes_match_one_and_resume_exactly(one, tmp_path):
     two = tmp_path / "two"
     _torchrun(*ARGS, f"run_dir={two}", "dist.strategy=fsdp", "train.checkpoint_every_steps=5",

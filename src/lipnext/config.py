@@ -172,16 +172,21 @@ def _check(cfg: Config) -> Config:
         raise ValueError(f"optim.warmup_epochs={w:g} is {'negative' if w < 0 else 'more than half of'} "
                          f"train.epochs={epochs}: the learning rate would spend the run ramping up "
                          f"and the model would stay near chance. Set optim.warmup_epochs=null for the "
-                         f"automatic warm-up (5% of the run, here {warmup_epochs(cfg):g} epochs) or a "
+                         f"automatic warm-up (5% of the run, here {auto_warmup_epochs(epochs):g} epochs) or a "
                          f"value in [0, {epochs / 2:g}]")
     return cfg
 
 
+def auto_warmup_epochs(epochs: int) -> float:
+    """The default warm-up: 5% of the run, at most 20 epochs (the paper's 20 of 800; 3 of the
+    demo's 60)."""
+    return min(20.0, epochs / 20)
+
+
 def warmup_epochs(cfg: Config) -> float:
-    """optim.warmup_epochs, or by default 5% of train.epochs, at most 20 (the paper's 20 of
-    800 epochs; 3 of the demo's 60)."""
+    """optim.warmup_epochs, or by default auto_warmup_epochs(train.epochs)."""
     w = cfg.optim.warmup_epochs
-    return min(20.0, cfg.train.epochs / 20) if w is None else float(w)
+    return auto_warmup_epochs(cfg.train.epochs) if w is None else float(w)
 
 
 def _merge(*parts) -> Config:

@@ -33,6 +33,7 @@ class DemoConfig:
     epochs: int = 60
     seed: int = 0
     out: str = "runs/demo"
+    threads: int | None = 1      # torch CPU threads; 1: the figures repeat bit for bit on a machine
 
 
 def demo_config(cfg: DemoConfig, progress: bool = True) -> Config:
@@ -45,10 +46,22 @@ def demo_config(cfg: DemoConfig, progress: bool = True) -> Config:
 
 
 def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
-    """Train, retract, certify; write the run folder; return the results dict."""
+    """Train, retract, certify; write the run folder; return the results dict.
+
+    With ``cfg.threads`` set, torch uses that many CPU threads for the run (then the
+    previous number again): float32 sums split over another number of threads round
+    differently, and the training diverges from there (docs/RESULTS.md, The digits demo)."""
+    import torch
+
     from .engine import train
 
-    return train(demo_config(cfg, progress))
+    before = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return train(demo_config(cfg, progress))
+    finally:
+        torch.set_num_threads(before)
 
 
 def print_results(results: dict, out: str) -> None:

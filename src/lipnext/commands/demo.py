@@ -14,8 +14,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=d.epochs, help=f"training epochs (default {d.epochs})")
     p.add_argument("--model", default=d.model, help=f"named model (default {d.model})")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's); the figures depend on it, see docs/RESULTS.md")
+    p.add_argument("--threads", type=int, default=d.threads,
+                   help=f"torch CPU threads (default {d.threads}: the figures of docs/RESULTS.md repeat "
+                        "exactly; another number gives slightly different figures)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -23,14 +24,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.epochs < 1:
         raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
-    if args.threads is not None and args.threads < 1:
+    if args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     require("sklearn", "lipnext demo (its digits data)")
     require("matplotlib", "lipnext demo (its plot)")
-    if args.threads is not None:
-        import torch
-        torch.set_num_threads(args.threads)
-    cfg = DemoConfig(out=args.out, epochs=args.epochs, model=args.model, seed=args.seed)
+    cfg = DemoConfig(out=args.out, epochs=args.epochs, model=args.model, seed=args.seed,
+                     threads=args.threads)
     results = run_demo(cfg, progress=not args.quiet)
     print_results(results, cfg.out)
     return 0

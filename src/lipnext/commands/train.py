@@ -14,8 +14,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a certifiable model from a config file",
                        description="Train from a YAML config (configs/*.yaml) with dotted "
                        "overrides, e.g. train.epochs=3 model.name=lipnext_l4w64 run_dir=runs/x.")
-    p.add_argument("--config", "-c", default=None, help="YAML config file (default: the built-in digits config)")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in run_dir")
+    p.add_argument("--config", "-c", default=None,
+                   help="YAML config file, or the name of a packaged config: cifar10_l32w1024, demo, ... "
+                        "(default: the built-in digits config)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in run_dir "
+                   "(with train.epochs=N: extend the run to N epochs, see docs/TRAINING.md)")
     p.add_argument("--run-dir", default=None, help="run folder (same as the override run_dir=...)")
     p.add_argument("--print-config", action="store_true", help="print the merged config and exit")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")

@@ -90,9 +90,10 @@ def check_images(x: torch.Tensor, in_chans: int, image_size: tuple[int, int]) ->
 def check_pixel_range(lo: float, hi: float) -> None:
     """Warn when float pixels lie far outside [0, 1] (e.g. 0..255 pixels not divided by 255)."""
     if hi > PIXEL_RANGE[1] or lo < PIXEL_RANGE[0]:
-        warnings.warn(f"the inputs lie in [{lo:g}, {hi:g}], far outside [0, 1]: lipnext models take "
-                      "raw pixels in [0, 1] (the mean is subtracted inside the model); divide 0..255 "
-                      "pixels by 255", UserWarning, stacklevel=3)
+        # one fixed text, so that Python shows it once per place, not once per batch
+        warnings.warn(f"the inputs lie far outside [0, 1] (below {PIXEL_RANGE[0]:g} or above "
+                      f"{PIXEL_RANGE[1]:g}): lipnext models take raw pixels in [0, 1] (the mean is "
+                      "subtracted inside the model); divide 0..255 pixels by 255", UserWarning, stacklevel=3)
 
 
 class CertifiableModel(nn.Module):
