@@ -26,6 +26,7 @@ from bench_orthogonal_update import bench_fast_exp, median_ms
 
 import lipnext
 from lipnext.losses import emma_loss
+from lipnext.models.lipnext import LipNeXtBlock
 from lipnext.nn import L2Pool
 from lipnext.optim import build_optimizer
 
@@ -123,15 +124,20 @@ def main() -> None:
     ap.add_argument("--exp-sizes", type=int, nargs="*", default=[1024])
     ap.add_argument("--exp-norms", type=float, nargs="*", default=[2.0, 4.0])
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the LipNeXt blocks (LipNeXtBlock.compiled = True; twin eager)")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.compile:
+        LipNeXtBlock.compiled = True
     rows = [measure(args.model, args.depth, b, args.image_size, args.lipschitz_every, args.repeats)
             for b in args.batch]
     exps = [bench_fast_exp(c, norm, args.repeats, torch.device("cpu"))
             for c in args.exp_sizes for norm in args.exp_norms]
-    print(f"torch {torch.__version__}, CPU, {torch.get_num_threads()} threads, fp32, eager, "
+    mode = "LipNeXt blocks compiled" if args.compile else "eager"
+    print(f"torch {torch.__version__}, CPU, {torch.get_num_threads()} threads, fp32, {mode}, "
           f"median of {args.repeats}; {lipnext.__file__}\n")
     print("| model | batch | tokens/call | bound every | LipNeXt step (ms) | twin step (ms) | ratio "
           "| optimizer (ms) | bound (ms) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -86,13 +86,14 @@ def _norm_estimate(a2: Tensor) -> Tensor:
     O(n^2) each. The result never exceeds ||A||_2: ``_plans`` multiplies it by ``_MARGIN``.
     """
     gen = torch.Generator(a2.device).manual_seed(0)
-    x = torch.randn(*a2.shape[:-1], _POWER_BLOCK, generator=gen, dtype=a2.dtype, device=a2.device)
-    x = x / x.norm(dim=-2, keepdim=True)
+    n = a2.shape[-1]
+    x = torch.randn(len(a2), _POWER_BLOCK, n, generator=gen, dtype=a2.dtype, device=a2.device)
+    x = x / x.norm(dim=-1, keepdim=True)
     ratio = torch.zeros(len(a2), _POWER_BLOCK, dtype=a2.dtype, device=a2.device)
     for _ in range(_POWER_STEPS):
-        y = torch.bmm(a2, x).neg_()
-        ratio = y.norm(dim=-2)
-        x = y / ratio.clamp_min(torch.finfo(a2.dtype).tiny).unsqueeze(-2)
+        y = torch.bmm(x, a2).neg_()            # rows x^T M = (M x)^T, M symmetric
+        ratio = y.norm(dim=-1)
+        x = y / ratio.clamp_min(torch.finfo(a2.dtype).tiny).unsqueeze(-1)
     return ratio.amax(-1).sqrt()
 
 
