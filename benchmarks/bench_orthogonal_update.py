@@ -2,15 +2,19 @@
 
     python benchmarks/bench_orthogonal_update.py [--sizes 256 1024] [--norms 0.1 0.5]
         [--step-sizes 128 256] [--stack 16] [--repeats 10] [--device cpu] [--threads N]
-        [--json out.json]
+        [--plans 1024 4096 5792] [--json out.json]
 
 Times are medians over --repeats calls after warm-up, in fp32. The step benchmark updates a
 stack of --stack orthogonal C x C weights (NAdam + Lookahead K=5, as build_optimizer) and
-compares it with the same matrices in one param group each (no batching).
+compares it with the same matrices in one param group each (no batching). ``--plans``
+prints (computed, not timed) FastExp's plan and the matrix products per orthogonal
+matrix per step for NAdam-like steps at lr 1e-3 (``plan_table``). The script also runs
+on the code before scaling and squaring (it then labels fast_exp by its old thresholds).
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import statistics
 import time
@@ -19,7 +23,9 @@ from typing import Callable
 import torch
 
 from lipnext.nn import OrthogonalParameter, random_orthogonal
-from lipnext.optim import TAYLOR_THRESHOLDS, ManifoldAdam, fast_exp
+from lipnext.optim import ManifoldAdam, fast_exp
+
+_FAST_EXP = importlib.import_module("lipnext.optim.fast_exp")   # the name fast_exp is the function
 
 
 def median_ms(fn: Callable[[], object], repeats: int, device: torch.device,
@@ -40,8 +46,16 @@ def median_ms(fn: Callable[[], object], repeats: int, device: torch.device,
     return 1e3 * statistics.median(times)
 
 
-def taylor_order(norm: float) -> str:
-    return next((f"order {k}" for bound, k in TAYLOR_THRESHOLDS if norm < bound), "exact")
+def plan_label(a: torch.Tensor) -> str:
+    """FastExp's plan for a, or the old threshold rule when the code predates plans."""
+    if not hasattr(_FAST_EXP, "exp_plans"):
+        norm = float(torch.linalg.matrix_norm(a))
+        return next((f"Taylor order {k}" for bound, k in _FAST_EXP.TAYLOR_THRESHOLDS if norm < bound),
+                    "matrix_exp")
+    plan = _FAST_EXP.exp_plans(a)[0]
+    if plan is None:
+        return "matrix_exp"
+    return f"order {plan[0]}, s = {plan[1]} ({_FAST_EXP.exp_cost(plan)} products)"
 
 
 def bench_fast_exp(c: int, norm: float, repeats: int, device: torch.device) -> dict:
@@ -50,8 +64,38 @@ def bench_fast_exp(c: int, norm: float, repeats: int, device: torch.device) -> d
     a = a * (norm / torch.linalg.matrix_norm(a))
     ours = median_ms(lambda: fast_exp(a), repeats, device)
     ref = median_ms(lambda: torch.linalg.matrix_exp(a), repeats, device)
-    return dict(benchmark="fast_exp", C=c, setting=f"‖A‖_F={norm} ({taylor_order(norm)})",
+    return dict(benchmark="fast_exp", C=c, norm=norm, setting=plan_label(a),
                 ours_ms=ours, reference="torch.linalg.matrix_exp", reference_ms=ref)
+
+
+def nadam_like_step(c: int, norm: float, seed: int = 0) -> torch.Tensor:
+    """A sign-like skew step (NAdam's m/sqrt(v) ~ +-1) of a rank-2 + noise gradient, ||.||_F = norm."""
+    g = torch.Generator().manual_seed(seed)
+    u, v = torch.randn(c, 2, generator=g), torch.randn(c, 2, generator=g)
+    grad = u @ v.T + 0.3 * torch.randn(c, c, generator=g)
+    d = torch.sign(grad - grad.T)
+    return d * (norm / torch.linalg.matrix_norm(d))
+
+
+def plan_table(sizes: list[int]) -> list[dict]:
+    """Plans and products per matrix per step for NAdam-like steps at lr 1e-3 (computed).
+
+    A step costs X^T G, FastExp of U and X (E - I): 2 + cost(U). ||U||_F = 5.3e-4 C on the
+    first step, 3e-4 C after; a Lookahead sync (every 5 steps) adds FastExp of 0.5 S, S the
+    sum of 5 steps (at most 5 x 3e-4 C: taken aligned, the worst case), and one product.
+    """
+    rows = []
+    for c in sizes:
+        for regime, scale in (("first step", 5.3e-4), ("later steps", 3e-4),
+                              ("Lookahead sync, 0.5 x 5 steps", 0.5 * 5 * 3e-4)):
+            a = nadam_like_step(c, scale * c)
+            plan = _FAST_EXP.exp_plans(a)[0]
+            cost = _FAST_EXP.exp_cost(plan)
+            per_step = cost + 1 if regime.startswith("Lookahead") else cost + 2
+            rows.append(dict(C=c, regime=regime, norm=scale * c,
+                             spectral=float(_FAST_EXP._norm_estimate((a @ a)[None])[0]),
+                             plan=plan, exp_products=cost, step_products=per_step))
+    return rows
 
 
 def bench_step(c: int, stack: int, repeats: int, device: torch.device) -> dict:
@@ -81,6 +125,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--plans", type=int, nargs="*", default=[], metavar="C",
+                        help="print FastExp's plans for NAdam-like steps at these widths")
     parser.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -102,10 +148,18 @@ def main() -> None:
     for r in rows:
         print(f"| {r['benchmark']} | {r['C']} | {r['setting']} | {r['ours_ms']:.2f} | "
               f"{r['reference']} | {r['reference_ms']:.2f} | {r['speedup']:.2f}x |")
+    plans = plan_table(args.plans)
+    if plans:
+        print("\n| C | regime | ‖U‖_F | ‖U‖_2 (estimate) | plan (order, s) | FastExp products "
+              "| products per matrix |")
+        print("|---:|---|---:|---:|---|---:|---:|")
+    for r in plans:
+        print(f"| {r['C']} | {r['regime']} | {r['norm']:.2f} | {r['spectral']:.2f} | {r['plan']} | "
+              f"{r['exp_products']} | {r['step_products']} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(torch=torch.__version__, device=where, repeats=args.repeats, rows=rows),
-                      f, indent=2)
+            json.dump(dict(torch=torch.__version__, device=where, repeats=args.repeats, rows=rows,
+                           plans=plans), f, indent=2)
 
 
 if __name__ == "__main__":

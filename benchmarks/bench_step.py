@@ -1,13 +1,17 @@
-"""Training-step time of LipNeXt against an unconstrained twin with the same GEMM shapes.
+"""Training-step time of LipNeXt, as the trainer runs it, against an unconstrained twin.
 
-    python benchmarks/bench_step.py [--model lipnext_l8w128] [--batch 128] [--image-size 32]
-        [--repeats 10] [--threads N] [--json out.json]
+    python benchmarks/bench_step.py [--model lipnext_l8w128] [--depth D] [--batch 128 [8 ...]]
+        [--lipschitz-every 1 10] [--image-size 32] [--repeats 5] [--threads N]
+        [--exp-sizes 1024] [--exp-norms 2 4] [--json out.json]
 
-The twin has the same stem, token GEMMs (two C x C per block), pooling and head, but
-plain nn.Linear weights, ReLU instead of shift + beta-Abs, and torch.optim.Adam. Both
-use cross-entropy so only the architecture and the optimizer differ. Also printed:
-the optimizer's share of the LipNeXt step (ManifoldAdam with NAdam + Lookahead, as
-build_optimizer) and fast_exp against torch.linalg.matrix_exp at C = 256 and 1024.
+LipNeXt step = the trainer's: the Lipschitz bound when due (``loss.lipschitz_every``),
+forward, EMMA loss, backward, gradient clipping at 3, ``build_optimizer``'s ManifoldAdam
+step (NAdam + Lookahead). The twin has the same stem, token GEMMs (two C x C per block),
+pooling and head, but nn.Linear weights, ReLU instead of shift + beta-Abs, cross-entropy,
+the same clipping and torch.optim.Adam. ``--depth`` keeps the model's width with fewer
+blocks (both models). Steps at cadence N > 1 are computed as (step with the bound) -
+(1 - 1/N) (bound alone), both measured. Also: fast_exp against torch.linalg.matrix_exp
+on skew matrices of the given Frobenius norms. Medians of ``--repeats`` after one warm-up.
 """
 from __future__ import annotations
 
@@ -21,8 +25,12 @@ from torch import nn
 from bench_orthogonal_update import bench_fast_exp, median_ms
 
 import lipnext
+from lipnext.losses import emma_loss
+from lipnext.models.lipnext import LipNeXtBlock
 from lipnext.nn import L2Pool
 from lipnext.optim import build_optimizer
+
+CLIP = 3.0
 
 
 class TwinBlock(nn.Module):
@@ -57,64 +65,97 @@ class Twin(nn.Module):
         return self.head(self.pool(x))
 
 
-def step_times(model: nn.Module, opt: torch.optim.Optimizer, x, y, repeats: int) -> dict:
-    def forward_backward() -> None:
+def lipnext_step(model: lipnext.LipNeXt, opt: torch.optim.Optimizer, x, y):
+    """The trainer's step with the bound measured every call."""
+    def step() -> None:
+        lip = float(model.lipschitz_bound())
+        loss = emma_loss(model(x).float(), y, model.head_weight(), lip, 36 / 255)
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        if bool(torch.isfinite(torch.stack([loss.detach(), gnorm])).all()):
+            opt.step()
+    return step
 
-    def full_step() -> None:
-        forward_backward()
+
+def twin_step(model: nn.Module, opt: torch.optim.Optimizer, x, y):
+    def step() -> None:
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         opt.step()
+    return step
 
-    total = median_ms(full_step, repeats, x.device)
-    forward_backward()
-    optim = median_ms(opt.step, repeats, x.device)
-    return {"step_ms": total, "optimizer_ms": optim}
+
+def measure(model_name: str, depth: int | None, batch: int, image_size: int, cadences: list[int],
+            repeats: int) -> dict:
+    torch.manual_seed(0)
+    cpu = torch.device("cpu")
+    kwargs = {"depth": depth} if depth else {}
+    model = lipnext.create_model(model_name, image_size=image_size, **kwargs)
+    model.validate_inputs = False
+    twin = Twin(model)
+    x = torch.rand(batch, 3, image_size, image_size)
+    y = torch.randint(0, 10, (batch,))
+    opt = build_optimizer(model, lr=1e-3)
+    full = median_ms(lipnext_step(model, opt, x, y), repeats, cpu, warmup=1)
+    bound = median_ms(model.lipschitz_bound, repeats, cpu, warmup=1)
+    ref = median_ms(twin_step(twin, torch.optim.Adam(twin.parameters(), lr=1e-3), x, y),
+                    repeats, cpu, warmup=1)
+    opt.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    optim = median_ms(opt.step, repeats, cpu, warmup=1)
+    steps = {n: full - (1 - 1 / n) * bound for n in cadences}
+    return {"model": model_name, "depth": model.depth, "width": model.width, "batch": batch,
+            "tokens_per_call": batch * (image_size // model.patch_size) ** 2,
+            "lipnext_step_ms": steps, "bound_ms": bound, "optimizer_ms": optim, "twin_step_ms": ref,
+            "ratio": {n: t / ref for n, t in steps.items()}}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="lipnext_l8w128")
-    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--depth", type=int, help="number of blocks (default: the model's)")
+    ap.add_argument("--batch", type=int, nargs="+", default=[128])
+    ap.add_argument("--lipschitz-every", type=int, nargs="+", default=[1], metavar="N")
     ap.add_argument("--image-size", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--exp-sizes", type=int, nargs="+", default=[256, 1024])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--exp-sizes", type=int, nargs="*", default=[1024])
+    ap.add_argument("--exp-norms", type=float, nargs="*", default=[2.0, 4.0])
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the LipNeXt blocks (LipNeXtBlock.compiled = True; twin eager)")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    cpu = torch.device("cpu")
-    model = lipnext.create_model(args.model, image_size=args.image_size)
-    model.validate_inputs = False
-    twin = Twin(model)
-    x = torch.rand(args.batch, 3, args.image_size, args.image_size)
-    y = torch.randint(0, 10, (args.batch,))
-    ours = step_times(model, build_optimizer(model, lr=1e-3), x, y, args.repeats)
-    ref = step_times(twin, torch.optim.Adam(twin.parameters(), lr=1e-3), x, y, args.repeats)
-    exps = [bench_fast_exp(c, 0.5, args.repeats, cpu) for c in args.exp_sizes]
-    res = {"torch": torch.__version__, "threads": torch.get_num_threads(), "model": args.model,
-           "batch": args.batch, "image_size": args.image_size, "lipnext": ours, "twin": ref,
-           "step_ratio": ours["step_ms"] / ref["step_ms"],
-           "optimizer_share": ours["optimizer_ms"] / ours["step_ms"],
-           "fast_exp": [{"C": e["C"], "fast_exp_ms": e["ours_ms"],
-                         "matrix_exp_ms": e["reference_ms"]} for e in exps]}
-    print(f"torch {res['torch']}, CPU, {res['threads']} threads; {args.model}, batch {args.batch}, "
-          f"{args.image_size}x{args.image_size}, fp32, median of {args.repeats}\n")
-    print("| | step (ms) | optimizer (ms) | optimizer share |\n|---|---:|---:|---:|")
-    for name, r in (("LipNeXt + ManifoldAdam", ours), ("twin (Linear, ReLU, Adam)", ref)):
-        print(f"| {name} | {r['step_ms']:.1f} | {r['optimizer_ms']:.1f} | "
-              f"{100 * r['optimizer_ms'] / r['step_ms']:.1f}% |")
-    print(f"\nstep ratio LipNeXt / twin: {res['step_ratio']:.2f}x (target <= 1.3x); "
-          f"optimizer share {100 * res['optimizer_share']:.1f}% (target < 15%)\n")
-    print("| C | fast_exp (ms, ‖A‖_F=0.5) | matrix_exp (ms) | speed-up |\n|---:|---:|---:|---:|")
-    for e in res["fast_exp"]:
-        print(f"| {e['C']} | {e['fast_exp_ms']:.2f} | {e['matrix_exp_ms']:.2f} | "
-              f"{e['matrix_exp_ms'] / e['fast_exp_ms']:.2f}x |")
+    if args.compile:
+        LipNeXtBlock.compiled = True
+    rows = [measure(args.model, args.depth, b, args.image_size, args.lipschitz_every, args.repeats)
+            for b in args.batch]
+    exps = [bench_fast_exp(c, norm, args.repeats, torch.device("cpu"))
+            for c in args.exp_sizes for norm in args.exp_norms]
+    mode = "LipNeXt blocks compiled" if args.compile else "eager"
+    print(f"torch {torch.__version__}, CPU, {torch.get_num_threads()} threads, fp32, {mode}, "
+          f"median of {args.repeats}; {lipnext.__file__}\n")
+    print("| model | batch | tokens/call | bound every | LipNeXt step (ms) | twin step (ms) | ratio "
+          "| optimizer (ms) | bound (ms) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        for n, t in r["lipnext_step_ms"].items():
+            print(f"| {r['model']} ({r['depth']} blocks) | {r['batch']} | {r['tokens_per_call']} | {n} "
+                  f"| {t:.0f} | {r['twin_step_ms']:.0f} | {r['ratio'][n]:.2f}x "
+                  f"| {r['optimizer_ms']:.0f} | {r['bound_ms']:.0f} |")
+    if exps:
+        print("\n| C | ‖A‖_F | fast_exp (ms) | plan | matrix_exp (ms) | speed-up |\n"
+              "|---:|---:|---:|---|---:|---:|")
+    for e in exps:
+        print(f"| {e['C']} | {e['norm']} | {e['ours_ms']:.1f} | {e['setting']} | "
+              f"{e['reference_ms']:.1f} | {e['reference_ms'] / e['ours_ms']:.2f}x |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+            json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(),
+                       "steps": rows, "fast_exp": exps}, f, indent=2)
 
 
 if __name__ == "__main__":

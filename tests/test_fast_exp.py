@@ -67,15 +67,15 @@ def test_fast_exp_matches_float64_matrix_exp(kind, norm):
 
 
 def test_the_regimes_are_all_exercised():
-    """Order 2 without squaring, order 4 without, and order 4 with s squarings, by norm."""
-    plans = {norm: exp_plans(nadam_like_skew(48, norm).float())[0] for norm in NORMS}
-    assert plans[1e-4] == (2, 0)
-    assert plans[0.05] == (4, 0)
-    assert all(plans[n][0] == 4 and plans[n][1] >= 1 for n in NORMS[2:])
-    assert [plans[n][1] for n in NORMS[2:]] == sorted(plans[n][1] for n in NORMS[2:])
+    """Orders 2, 4 and 6 without squaring, and order 6 with s squarings, rising with the norm."""
+    plans = [exp_plans(nadam_like_skew(48, norm).float())[0] for norm in NORMS + [0.2]]
+    assert {(2, 0), (4, 0), (6, 0)} <= set(plans)
+    assert any(k == 6 and s >= 1 for k, s in plans)
+    costs = [exp_cost(p) for p in plans[:-1]]
+    assert costs == sorted(costs)
 
 
-@pytest.mark.parametrize("plan", [(2, 0), (4, 0), (2, 3), (4, 2)])
+@pytest.mark.parametrize("plan", [(2, 0), (4, 0), (6, 0), (2, 3), (4, 2), (6, 2)])
 def test_each_plan_evaluates_its_formula(monkeypatch, plan):
     """fast_exp = T_k(A / 2^s)^(2^s), T_k the Taylor polynomial of order k (float64)."""
     module = importlib.import_module("lipnext.optim.fast_exp")  # the name fast_exp is the function
@@ -95,9 +95,9 @@ def test_plan_meets_the_bound_with_the_fewest_products():
     for theta in [0.0, 1e-3, 0.02, 0.3, 1.0, 2.5, 17.0]:
         k, s = exp_plan(theta, u)
         assert truncation_bound(k, s, theta) <= u
-        cheaper = [(o, exp_cost((k, s)) - 1 - exp_cost((o, 0))) for o in (2, 4)]
+        cheaper = [(o, exp_cost((k, s)) - 1 - exp_cost((o, 0))) for o in (2, 4, 6)]
         assert all(truncation_bound(o, t, theta) > u for o, t in cheaper if t >= 0)
-    assert exp_cost((2, 0)) == 1 and exp_cost((4, 3)) == 5
+    assert exp_cost((2, 0)) == 1 and exp_cost((4, 3)) == 5 and exp_cost((6, 1)) == 4
 
 
 def test_norm_estimate_is_close_below_the_spectral_norm():

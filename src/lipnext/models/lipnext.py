@@ -67,8 +67,9 @@ class LipNeXtBlock(nn.Module):
     compiled: bool | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _COMPILE["broken"] or not (x.is_cuda if self.compiled is None else self.compiled):
-            return block_forward(self, x)
+        wanted = x.is_cuda if self.compiled is None else self.compiled
+        if _COMPILE["broken"] or not wanted or torch.compiler.is_compiling():
+            return block_forward(self, x)      # (inside a compiled model: traced as is)
         try:
             return _compiled_block_forward()(self, x)
         except Exception as err:  # noqa: BLE001 - any compiler failure means: run eager

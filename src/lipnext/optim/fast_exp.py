@@ -3,14 +3,16 @@
 For each matrix A of a batch (skew-symmetric in the optimizer) and B = A / 2^s
 (docs/CORE.md, Optimizer):
 
-    W_0 = B + B^2 / 2                              Taylor order 2
-    W_0 = B + B^2 (I/2 + B/6 + B^2/24)             order 4, Paterson–Stockmeyer
-    W_{j+1} = 2 W_j + W_j^2 = (I + W_j)^2 - I      the s squarings
+    W_0 = B + B^2 / 2                                    Taylor order 2
+    W_0 = B + B^2 (I/2 + B/6 + B^2/24)                   order 4, Paterson–Stockmeyer
+    W_0 = B + B^2/2 + B^3/6 + B^3 (B + B^2/5 + B^3/30)/24    order 6, B^3 = B^2 B
+    W_{j+1} = 2 W_j + W_j^2 = (I + W_j)^2 - I            the s squarings
     exp(A) - I ~ W_s,        fast_exp(A) = I + W_s
 
-A^2 is the first product (B^2 = A^2 / 4^s is exact), so order 2 costs 1 + s matrix
-products and order 4 costs 2 + s. Carrying W = E - I rather than E keeps each rounding
-error proportional to ||A||, not to ||E|| = 1.
+A^2 is the first product (B^2 = A^2 / 4^s is exact), so orders 2, 4 and 6 cost 1 + s,
+2 + s and 3 + s matrix products (order 3 would cost what order 4 costs). Carrying
+W = E - I rather than E keeps each rounding error proportional to ||A||, not to
+||E|| = 1.
 
 Plan (``exp_plan``), per matrix: the fewest products whose truncation bound
 2^s r_k(b) (1 + r_k(b))^(2^s - 1), b = theta / 2^s, is at most the unit roundoff u of the
@@ -40,7 +42,7 @@ from .precision import Precision, product
 
 __all__ = ["exp_cost", "exp_plan", "exp_plans", "fast_exp", "fast_expm1"]
 
-_ORDERS = (2, 4)
+_PRODUCTS = {2: 1, 4: 2, 6: 3}       # Taylor order -> matrix products before squaring
 _POWER_STEPS, _POWER_BLOCK, _MARGIN = 8, 4, 1.1     # the norm estimate of ``_plans``
 
 
@@ -60,9 +62,9 @@ def truncation_bound(order: int, squarings: int, theta: float) -> float:
 
 
 def exp_cost(plan: tuple[int, int]) -> int:
-    """Matrix products of a plan (order, squarings): A^2, the order-4 product, the squarings."""
+    """Matrix products of a plan (order, squarings): the polynomial's, then the squarings."""
     order, squarings = plan
-    return (1 if order == 2 else 2) + squarings
+    return _PRODUCTS[order] + squarings
 
 
 def exp_plan(theta: float, u: float) -> tuple[int, int]:
@@ -72,7 +74,7 @@ def exp_plan(theta: float, u: float) -> tuple[int, int]:
     s_min = max(0, math.floor(math.log2(theta)) + 1) if theta > 0 else 0   # b < 1
     cost = 1 + s_min
     while True:
-        plans = [(k, cost - exp_cost((k, 0))) for k in _ORDERS if cost >= exp_cost((k, 0))]
+        plans = [(k, cost - base) for k, base in _PRODUCTS.items() if cost >= base]
         err, plan = min((truncation_bound(k, s, theta), (k, s)) for k, s in plans)
         if err <= u:
             return plan
@@ -86,13 +88,14 @@ def _norm_estimate(a2: Tensor) -> Tensor:
     O(n^2) each. The result never exceeds ||A||_2: ``_plans`` multiplies it by ``_MARGIN``.
     """
     gen = torch.Generator(a2.device).manual_seed(0)
-    x = torch.randn(*a2.shape[:-1], _POWER_BLOCK, generator=gen, dtype=a2.dtype, device=a2.device)
-    x = x / x.norm(dim=-2, keepdim=True)
+    n = a2.shape[-1]
+    x = torch.randn(len(a2), _POWER_BLOCK, n, generator=gen, dtype=a2.dtype, device=a2.device)
+    x = x / x.norm(dim=-1, keepdim=True)
     ratio = torch.zeros(len(a2), _POWER_BLOCK, dtype=a2.dtype, device=a2.device)
     for _ in range(_POWER_STEPS):
-        y = torch.bmm(a2, x).neg_()
-        ratio = y.norm(dim=-2)
-        x = y / ratio.clamp_min(torch.finfo(a2.dtype).tiny).unsqueeze(-2)
+        y = torch.bmm(x, a2).neg_()            # rows x^T M = (M x)^T, M symmetric
+        ratio = y.norm(dim=-1)
+        x = y / ratio.clamp_min(torch.finfo(a2.dtype).tiny).unsqueeze(-1)
     return ratio.amax(-1).sqrt()
 
 
@@ -117,6 +120,13 @@ def _on_rows(w: Tensor, rows: list[int], fn: Callable[[Tensor | slice], Tensor])
         return fn(slice(None))
     idx = torch.tensor(rows, device=w.device)
     return w.index_copy(0, idx, fn(idx))
+
+
+def _order6(w: Tensor, b: Tensor, b2: Tensor, prec: Precision) -> Tensor:
+    """w + B^3/6 + B^3 (B + B^2/5 + B^3/30)/24 for w = B + B^2/2: Taylor order 6."""
+    b3 = prec.mm(b2, b)
+    tail = torch.add(b, b2, alpha=0.2).add_(b3, alpha=1 / 30)
+    return prec.addmm(w.add(b3, alpha=1 / 6), b3, tail, alpha=1 / 24)
 
 
 def _check_square(a: Tensor) -> None:
@@ -159,6 +169,8 @@ def fast_expm1(a: Tensor, precision: str | None = None) -> Tensor:
     w = torch.add(b, b2, alpha=0.5)
     w = _on_rows(w, [i for i, (k, _) in enumerate(plans) if k == 4],
                  lambda i: prec.addmm(w[i], b2[i], torch.add(b[i], b2[i], alpha=0.25), alpha=1 / 6))
+    w = _on_rows(w, [i for i, (k, _) in enumerate(plans) if k == 6],
+                 lambda i: _order6(w[i], b[i], b2[i], prec))
     for j in range(max(s for _, s in plans)):
         w = _on_rows(w, [i for i, (_, s) in enumerate(plans) if s > j],
                      lambda i: prec.addmm(w[i], w[i], w[i], beta=2.0))

@@ -13,8 +13,9 @@ and its error constants bound the rounding of a product entrywise, |fl(AB) - AB|
            (``mm.dtype`` on CUDA; on CPU the bf16 operands are multiplied in fp32, which is
            exact); the dropped A_lo B_lo and the rounding of the halves leave u_op = 2^-15.
 
-One bf16 product (u = 2^-8) would put a rounding error of 2^-8 ||X|| ||U|| into each
-update X (E - I); that is 20x the fp32 level at a realistic step, hence the split.
+A single bf16 product (u = 2^-8) puts a rounding error of about 2^-8 |X| |W| into each
+update X (E - I): over 1,000 NAdam-like steps it drifted 200x more than fp32 and past
+the 1e-4 limit (docs/BENCHMARKS.md), hence the split.
 """
 from __future__ import annotations
 
