@@ -163,7 +163,7 @@ def scaling_worker(rank: int, world: int, port: int, args, queue) -> None:
             opt.step()
             times.append(time.process_time() - t0)
         queue.put((rank, {"process_s": sorted(times)[len(times) // 2], "spread_s": max(times) - min(times),
-                          "bytes": counter["bytes"], "x0": xs[0].detach().clone(), "xl": xs[-1].detach().clone()}))
+                          "bytes": counter["bytes"], "x0": xs[0].detach().numpy().copy()}))
     finally:
         if world > 1:
             dist.destroy_process_group()
@@ -192,9 +192,10 @@ def scaling(args) -> list[dict]:
     for row in rows:
         row["max_process_s"] = max(r["process_s"] for r in row["ranks"].values())
         row["ratio"] = row["max_process_s"] / rows[0]["max_process_s"]
-        row["max_weight_diff"] = max((r["x0"] - base["x0"]).abs().max().item() for r in row["ranks"].values())
+        row["max_weight_diff"] = float(max(abs(r["x0"] - base["x0"]).max() for r in row["ranks"].values()))
+    for row in rows:
         for r in row["ranks"].values():
-            del r["x0"], r["xl"]
+            del r["x0"]
     return rows
 
 
@@ -221,8 +222,7 @@ def plan(model: str, depth: int, fw: dict, world: int, strategy: str, precision:
         persistent, temp = 24 * params, chunk_temp
     seconds = flops / PEAK[precision] + comm / NVLINK
     return {"model": model, "W": world, "strategy": strategy, "precision": precision,
-            "flops": flops, "comm_bytes": comm, "persistent_B_per_param": persistent / params * world
-            if strategy == "fsdp" else persistent / params, "temp_B_per_param": temp / params,
+            "flops": flops, "comm_bytes": comm, "persistent_B_per_param": persistent / params, "temp_B_per_param": temp / params,
             "peak_GB": (persistent + temp) / 1e9, "seconds": seconds}
 
 
