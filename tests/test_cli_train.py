@@ -223,3 +223,25 @@ def test_help_does_not_import_torch():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert p.returncode == 0, p.stderr
     assert p.stdout.rstrip().endswith("no torch") and "usage: lipnext" in p.stdout
+
+
+def test_the_plot_names_the_data_and_labels_the_radii(tmp_path, monkeypatch):
+    import matplotlib.figure
+    import torch
+
+    import lipnext
+    from lipnext.report import plot_certified_accuracy
+    seen, real = {}, matplotlib.figure.Figure.savefig
+
+    def spy(fig, *a, **k):
+        seen["fig"] = fig
+        return real(fig, *a, **k)
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    model = lipnext.create_model("lipnext_l4w64", num_classes=3, in_chans=1, image_size=8, patch_size=2)
+    cert = lipnext.certify(model, torch.rand(16, 1, 8, 8), torch.randint(0, 3, (16,)))
+    plot_certified_accuracy(cert, tmp_path / "p.png", title="m on digits (test, 16 images)",
+                            marks=[36 / 255, 72 / 255], mark_labels=["36/255", "72/255"])
+    ax = seen["fig"].axes[0]
+    assert ax.get_title().startswith("m on digits (test, 16 images)")
+    labels = [t.get_text() for t in ax.texts]
+    assert labels == [f"{lab}: {100 * cert.cra(e):.1f}%" for lab, e in (("36/255", 36 / 255), ("72/255", 72 / 255))]
