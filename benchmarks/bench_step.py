@@ -6,23 +6,28 @@
 
 LipNeXt step = the trainer's: the Lipschitz bound when due (``loss.lipschitz_every``),
 forward, EMMA loss, backward, gradient clipping at 3, ``build_optimizer``'s ManifoldAdam
-step (NAdam + Lookahead). The twin has the same stem, token GEMMs (two C x C per block),
+step (NAdam + Lookahead). The two models' steps alternate (A B A B ...), so both see
+the same machine load; the optimizer and the bound are timed inside the LipNeXt step. The twin has the same stem, token GEMMs (two C x C per block),
 pooling and head, but nn.Linear weights, ReLU instead of shift + beta-Abs, cross-entropy,
 the same clipping and torch.optim.Adam. ``--depth`` keeps the model's width with fewer
 blocks (both models). Steps at cadence N > 1 are computed as (step with the bound) -
-(1 - 1/N) (bound alone), both measured. Also: fast_exp against torch.linalg.matrix_exp
-on skew matrices of the given Frobenius norms. Medians of ``--repeats`` after one warm-up.
+(1 - 1/N) (bound), both measured. Also: fast_exp against torch.linalg.matrix_exp on
+skew matrices of the given Frobenius norms. Medians of ``--repeats`` after one warm-up;
+the ratio's spread is over the rounds.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench_orthogonal_update import bench_fast_exp, median_ms
+from bench_orthogonal_update import bench_fast_exp
 
 import lipnext
 from lipnext.losses import emma_loss
@@ -65,16 +70,21 @@ class Twin(nn.Module):
         return self.head(self.pool(x))
 
 
-def lipnext_step(model: lipnext.LipNeXt, opt: torch.optim.Optimizer, x, y):
-    """The trainer's step with the bound measured every call."""
+def lipnext_step(model: lipnext.LipNeXt, opt: torch.optim.Optimizer, x, y, parts: dict):
+    """The trainer's step with the bound measured every call; appends the parts' seconds."""
     def step() -> None:
+        t0 = time.perf_counter()
         lip = float(model.lipschitz_bound())
+        t1 = time.perf_counter()
         loss = emma_loss(model(x).float(), y, model.head_weight(), lip, 36 / 255)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        t2 = time.perf_counter()
         if bool(torch.isfinite(torch.stack([loss.detach(), gnorm])).all()):
             opt.step()
+        parts["bound"].append(t1 - t0)
+        parts["optimizer"].append(time.perf_counter() - t2)
     return step
 
 
@@ -88,29 +98,42 @@ def twin_step(model: nn.Module, opt: torch.optim.Optimizer, x, y):
     return step
 
 
+def interleaved(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each fn, called in turn (A B A B ...) so that all see the same load."""
+    for fn in fns.values():
+        fn()                                            # warm-up
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
 def measure(model_name: str, depth: int | None, batch: int, image_size: int, cadences: list[int],
             repeats: int) -> dict:
     torch.manual_seed(0)
-    cpu = torch.device("cpu")
     kwargs = {"depth": depth} if depth else {}
     model = lipnext.create_model(model_name, image_size=image_size, **kwargs)
     model.validate_inputs = False
     twin = Twin(model)
     x = torch.rand(batch, 3, image_size, image_size)
     y = torch.randint(0, 10, (batch,))
-    opt = build_optimizer(model, lr=1e-3)
-    full = median_ms(lipnext_step(model, opt, x, y), repeats, cpu, warmup=1)
-    bound = median_ms(model.lipschitz_bound, repeats, cpu, warmup=1)
-    ref = median_ms(twin_step(twin, torch.optim.Adam(twin.parameters(), lr=1e-3), x, y),
-                    repeats, cpu, warmup=1)
-    opt.zero_grad(set_to_none=True)
-    F.cross_entropy(model(x), y).backward()
-    optim = median_ms(opt.step, repeats, cpu, warmup=1)
-    steps = {n: full - (1 - 1 / n) * bound for n in cadences}
+    parts: dict[str, list[float]] = {"bound": [], "optimizer": []}
+    times = interleaved({"lipnext": lipnext_step(model, build_optimizer(model, lr=1e-3), x, y, parts),
+                         "twin": twin_step(twin, torch.optim.Adam(twin.parameters(), lr=1e-3), x, y)},
+                        repeats)
+    ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    bound, optim = (1e3 * statistics.median(parts[k][1:]) for k in ("bound", "optimizer"))
+    steps = {n: ms["lipnext"] - (1 - 1 / n) * bound for n in cadences}
+    ratios = [a / b for a, b in zip(times["lipnext"], times["twin"])]
     return {"model": model_name, "depth": model.depth, "width": model.width, "batch": batch,
             "tokens_per_call": batch * (image_size // model.patch_size) ** 2,
-            "lipnext_step_ms": steps, "bound_ms": bound, "optimizer_ms": optim, "twin_step_ms": ref,
-            "ratio": {n: t / ref for n, t in steps.items()}}
+            "lipnext_step_ms": steps, "bound_ms": bound, "optimizer_ms": optim,
+            "twin_step_ms": ms["twin"], "ratio": {n: t / ms["twin"] for n, t in steps.items()},
+            "ratio_range_every_1": (min(ratios), max(ratios)),
+            "times_s": times}
 
 
 def main() -> None:
@@ -143,8 +166,9 @@ def main() -> None:
           "| optimizer (ms) | bound (ms) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         for n, t in r["lipnext_step_ms"].items():
+            spread = "(per-round {:.2f}-{:.2f})".format(*r["ratio_range_every_1"]) if n == 1 else ""
             print(f"| {r['model']} ({r['depth']} blocks) | {r['batch']} | {r['tokens_per_call']} | {n} "
-                  f"| {t:.0f} | {r['twin_step_ms']:.0f} | {r['ratio'][n]:.2f}x "
+                  f"| {t:.0f} | {r['twin_step_ms']:.0f} | {r['ratio'][n]:.2f}x {spread} "
                   f"| {r['optimizer_ms']:.0f} | {r['bound_ms']:.0f} |")
     if exps:
         print("\n| C | ‖A‖_F | fast_exp (ms) | plan | matrix_exp (ms) | speed-up |\n"

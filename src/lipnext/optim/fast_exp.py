@@ -126,7 +126,7 @@ def _order6(w: Tensor, b: Tensor, b2: Tensor, prec: Precision) -> Tensor:
     """w + B^3/6 + B^3 (B + B^2/5 + B^3/30)/24 for w = B + B^2/2: Taylor order 6."""
     b3 = prec.mm(b2, b)
     tail = torch.add(b, b2, alpha=0.2).add_(b3, alpha=1 / 30)
-    return prec.addmm(w.add(b3, alpha=1 / 6), b3, tail, alpha=1 / 24)
+    return prec.addmm(w.add_(b3, alpha=1 / 6), b3, tail, alpha=1 / 24)
 
 
 def _check_square(a: Tensor) -> None:
@@ -182,4 +182,5 @@ def fast_expm1(a: Tensor, precision: str | None = None) -> Tensor:
 def fast_exp(a: Tensor) -> Tensor:
     """exp(A) for a batch (..., n, n), in the dtype of A: I + ``fast_expm1(A)``."""
     w = fast_expm1(a)
-    return (w + torch.eye(a.shape[-1], dtype=w.dtype, device=w.device)).to(a.dtype)
+    w.diagonal(dim1=-2, dim2=-1).add_(1)
+    return w.to(a.dtype)
