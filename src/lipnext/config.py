@@ -62,7 +62,7 @@ class OptimConfig:
     #                                      None: 5% of train.epochs, at most 20 (warmup_epochs())
     min_lr: float = 0.0
     update: str = "fast_exp"             # X <- X exp(U) by: fast_exp | exact | cayley
-    precision: str = "fp32"              # arithmetic of that update: fp32 | fp64 | tf32 | bf16
+    precision: str = "auto"              # arithmetic of that update: auto (tf32 on CUDA, else fp32) | fp32 | fp64 | tf32 | bf16
     chunk_size: Optional[int] = 8        # orthogonal matrices updated at a time (null = a whole stack)
 
 
@@ -134,7 +134,7 @@ class Config:
 _CHOICES = {"loss.name": ("emma", "margin", "ce"), "train.precision": ("auto", "bf16", "fp32"),
             "train.retraction": ("auto", "svd", "newton_schulz", "none"),
             "optim.update": ("fast_exp", "exact", "cayley"),
-            "optim.precision": ("fp32", "fp64", "tf32", "bf16"), "train.on_nan": ("stop", "rollback"),
+            "optim.precision": ("auto", "fp32", "fp64", "tf32", "bf16"), "train.on_nan": ("stop", "rollback"),
             "certify.rule": ("pairwise", "sqrt2"), "certify.split": ("train", "val", "test", "none"),
             "dist.strategy": ("auto", "none", "ddp", "fsdp"),
             "dist.backend": ("auto", "nccl", "gloo"), "augment.pad_mode": ("reflect", "zeros")}

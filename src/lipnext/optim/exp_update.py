@@ -42,8 +42,8 @@ def exp_update(x: Tensor, a: Tensor, *, method: str = "fast_exp", precision: str
     float64 accuracy where U is 0 or tiny (and X is returned unchanged for U = 0).
     """
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
-    prec = product(precision)
+        raise ValueError(f"unknown update method {method!r}; use one of {', '.join(METHODS)}")
+    prec = product(precision, x.device)
     if (a.dim() < 2 or a.shape[-1] != a.shape[-2] or x.shape[-1] != a.shape[-1]
             or x.shape[:-2] != a.shape[:-2]):
         raise ValueError(f"exp_update needs X (..., m, n) and A (..., n, n) with the same batch "

@@ -137,7 +137,7 @@ def _check_square(a: Tensor) -> None:
 def _working(a: Tensor, precision: str | None) -> Precision:
     if precision is None:
         precision = "fp64" if a.dtype == torch.float64 else "fp32"
-    return product(precision)
+    return product(precision, a.device)
 
 
 def exp_plans(a: Tensor, precision: str | None = None) -> list[tuple[int, int] | None]:

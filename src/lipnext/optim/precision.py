@@ -28,7 +28,7 @@ from torch import Tensor
 
 __all__ = ["PRECISIONS", "Precision", "product", "round_tf32"]
 
-PRECISIONS = ("fp64", "fp32", "tf32", "bf16")
+PRECISIONS = ("auto", "fp64", "fp32", "tf32", "bf16")
 
 
 Addmm = Callable[[Tensor | None, Tensor, Tensor, float, float], Tensor]
@@ -128,8 +128,12 @@ _PRODUCTS = {
 }
 
 
-def product(name: str) -> Precision:
-    """The ``Precision`` called ``name`` (one of ``PRECISIONS``)."""
+def product(name: str, device: torch.device | str = "cpu") -> Precision:
+    """The ``Precision`` called ``name`` (one of ``PRECISIONS``); "auto" is TF32 on a CUDA
+    ``device`` (tensor cores; drift stays at the fp32 level, tests/test_fast_exp.py) and fp32
+    elsewhere."""
+    if name == "auto":
+        name = "tf32" if torch.device(device).type == "cuda" else "fp32"
     if name not in _PRODUCTS:
         raise ValueError(f"unknown precision {name!r}; use one of {', '.join(PRECISIONS)}")
     return _PRODUCTS[name]
