@@ -2,7 +2,7 @@
 
 A thin call into the training engine (``lipnext.engine.train``) with the recipe of
 ``configs/demo.yaml``: 1,797 real 8x8 grey images, the last 360 held out for
-certification; lipnext_l8w128 (patch 2 -> a 4x4 token grid) trained with EMMA and
+certification; lipnext_l8w128 (patch 4 -> a 2x2 token grid) trained with EMMA and
 ManifoldAdam (NAdam + manifold Lookahead) on randomly translated images, polar-retracted,
 certified, and written to a run folder (weights, config, metrics, results, plot).
 """
@@ -20,8 +20,8 @@ __all__ = ["DemoConfig", "DEMO_RECIPE", "demo_config", "run_demo", "print_result
 DEMO_RECIPE = [
     "data.name=digits", "data.holdout=360", "data.val_fraction=0.0",
     "augment.crop_padding=1", "augment.pad_mode=zeros", "augment.flip=false",
-    "model.kwargs={patch_size: 2}", "optim.lr=5e-3",
-    "loss.name=emma", "loss.eps_255=63.75", "train.batch_size=64", "train.eval_every=0",
+    "model.kwargs={patch_size: 4}", "optim.lr=5e-3",
+    "loss.name=emma", "loss.eps_255=63.75", "loss.eps_end=1.0", "train.batch_size=64", "train.eval_every=0",
     "train.checkpoint=false", "train.log_every=10", "certify.radii=[0.25, 0.5, 0.75]",
     "certify.radius_unit=1",
 ]
