@@ -11,14 +11,6 @@ from lipnext.optim.fast_exp import _norm_estimate, exp_cost, exp_plans, truncati
 from lipnext.optim.precision import PRECISIONS, product, round_tf32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def gaussian_skew(n, norm, batch=(), seed=0):
     """Skew (*batch, n, n) float64 matrices of Frobenius norm `norm`, Gaussian entries."""
     g = torch.Generator().manual_seed(seed)
