@@ -31,7 +31,7 @@ __all__ = ["build_optimizer"]
 def build_optimizer(model: nn.Module, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                     weight_decay: float = 0.0, nesterov: bool = True,
                     orthogonal_lr_scale: float = 0.5, lookahead_k: int = 5,
-                    lookahead_alpha: float = 0.5, update: str = "fast_exp", precision: str = "fp32",
+                    lookahead_alpha: float = 0.5, update: str = "fast_exp", precision: str = "auto",
                     chunk_size: int | None = None
                     ) -> ManifoldAdam | DDPManifoldAdam | ShardedManifoldAdam:
     """ManifoldAdam over ``model.parameters()`` split into orthogonal / decay / no_decay groups."""

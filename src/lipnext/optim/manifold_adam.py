@@ -21,7 +21,7 @@ the steps U since the last sync; every K steps X_slow <- X_slow @ FastExp(alpha 
 S <- 0. Ordinary parameters: slow <- slow + alpha (fast - slow), fast <- slow.
 
 ``update`` picks how X exp(U) is computed (``fast_exp``, ``exact``, ``cayley``) and
-``precision`` its arithmetic (``fp32``, ``fp64``, ``tf32``, ``bf16``), both passed to
+``precision`` its arithmetic (``auto`` = TF32 on CUDA else fp32, ``fp32``, ``fp64``, ``tf32``, ``bf16``), both passed to
 ``exp_update``; the arithmetic lives in ``lipnext.optim.functional``, shared with the
 distributed drivers.
 
@@ -52,7 +52,7 @@ __all__ = ["ManifoldAdam", "lie_gradient", "skew"]
 
 _SCALARS = ("step", "mu_product")  # float32 CPU scalars per parameter, as in torch.optim
 _MOMENTS = ("exp_avg", "exp_avg_sq")
-_OPTIONS = {"update": "fast_exp", "precision": "fp32"}  # groups saved before these existed
+_OPTIONS = {"update": "fast_exp", "precision": "auto"}  # groups saved before these existed
 
 
 def _is_row(t: Tensor | None, buf: Tensor, i: int) -> bool:
@@ -82,7 +82,7 @@ class ManifoldAdam(Optimizer):
                  orthogonal_lr_scale: float = 0.5, orthogonal_weight_decay: float = 0.0,
                  lookahead_k: int = 0, lookahead_alpha: float = 0.5,
                  momentum_decay: float = 4e-3, update: str = "fast_exp",
-                 precision: str = "fp32", chunk_size: int | None = None):
+                 precision: str = "auto", chunk_size: int | None = None):
         if lr < 0 or eps < 0 or orthogonal_lr_scale < 0 or momentum_decay < 0:
             raise ValueError("lr, eps, orthogonal_lr_scale and momentum_decay must be >= 0")
         if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
@@ -135,9 +135,7 @@ class ManifoldAdam(Optimizer):
                 group.setdefault(key, value)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        for group in self.param_groups:       # state saved before the update option existed
-            group.setdefault("update", self.defaults["update"])
+        super().load_state_dict(state_dict)   # calls __setstate__: fills options saved state lacks
         self._stacks.clear()
 
     @torch.no_grad()
