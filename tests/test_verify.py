@@ -419,3 +419,16 @@ def test_cli_budget_in_points_or_seconds(trained, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "verify" in err and "check" in err            # the progress display
     assert cli.main(["verify", str(trained), "--budget", "zero", *fast]) == 2
+
+
+def test_tightness_has_every_key_when_no_point_was_broken():
+    from lipnext.certify import Certificate
+    from lipnext.verify.attacks import tightness
+    n = 3
+    cert = Certificate(torch.full((n,), 0.5, dtype=torch.float64), torch.ones(n, dtype=torch.bool),
+                       torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.float64), 1.0, "pairwise")
+    t = tightness(cert, torch.full((n,), math.inf, dtype=torch.float64), torch.arange(n))
+    assert t["points"] == 0 and t["never_broken"] == n
+    assert all(t[k] is None for k in ("min", "q05", "q25", "median", "q75", "q95", "max"))
+    t = tightness(cert, torch.tensor([0.6, 0.9, math.inf], dtype=torch.float64), torch.arange(n))
+    assert t["points"] == 2 and t["min"] == pytest.approx(1.2) and t["max"] == pytest.approx(1.8)

@@ -375,7 +375,8 @@ def attack_certified(model, x: torch.Tensor, y: torch.Tensor, certificate: Certi
 
 def tightness(certificate: Certificate, closest: torch.Tensor, idx: torch.Tensor) -> dict:
     """Closest adversarial distance found / certified radius over the certified points ``idx``:
-    per point and its distribution (min, quantiles, max); points never broken are counted apart."""
+    per point and its distribution (min, quantiles, max; None when no point was broken);
+    points never broken are counted apart."""
     r = certificate.radius[idx].double()
     c = closest[idx].double()
     ratio = c / r
@@ -383,8 +384,8 @@ def tightness(certificate: Certificate, closest: torch.Tensor, idx: torch.Tensor
     out = {"points": int(fin.numel()), "never_broken": int((~torch.isfinite(ratio)).sum()),
            "per_point": [{"index": int(i), "radius": float(rr), "closest": float(cc), "ratio": float(q)}
                          for i, rr, cc, q in zip(idx.tolist(), r.tolist(), c.tolist(), ratio.tolist())]}
-    if fin.numel():
-        q = torch.quantile(fin, torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95], dtype=torch.float64))
-        out.update({"min": fin.min().item(), "q05": q[0].item(), "q25": q[1].item(), "median": q[2].item(),
-                    "q75": q[3].item(), "q95": q[4].item(), "max": fin.max().item()})
-    return out
+    keys = ("min", "q05", "q25", "median", "q75", "q95", "max")
+    if not fin.numel():
+        return {**out, **dict.fromkeys(keys)}
+    q = torch.quantile(fin, torch.tensor([0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0], dtype=torch.float64))
+    return {**out, **dict(zip(keys, q.tolist()))}
