@@ -72,8 +72,8 @@ def test_adam_and_nadam_steps_are_skew(monkeypatch, nesterov):
         x.grad = torch.randn(10, 10)
         opt.step()
     assert len(seen) == 5
-    for u in seen:
-        assert (u + u.mT).abs().max() <= 1e-6 * u.abs().max()
+    for u in seen:          # exactly skew in floating point: fast_expm1 is told so (skew=True)
+        assert torch.equal(u, -u.mT)
         assert u.abs().max() > 0
     assert torch.equal(opt.state[x]["exp_avg"], -opt.state[x]["exp_avg"].mT)
 

@@ -27,9 +27,10 @@ import torch
 from torch import nn
 
 from ..bounds import spectral_norm_bound
+from ..ops.lipnext_block import lipnext_block
 from ..nn import (L2Pool, NormalizedLinear, OrthogonalParameter, OrthogonalPatchStem,
                   PositionalEncoding, SpatialShift, random_orthogonal)
-from ..nn.activation import make_activation
+from ..nn.activation import BetaAbs, make_activation
 from ..nn.stem import SharedPositionalEncoding
 from .base import CertifiableModel, check_images, resolve_geometry, resolve_mean
 
@@ -68,15 +69,25 @@ class LipNeXtBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         wanted = x.is_cuda if self.compiled is None else self.compiled
-        if _COMPILE["broken"] or not wanted or torch.compiler.is_compiling():
-            return block_forward(self, x)      # (inside a compiled model: traced as is)
+        if torch.compiler.is_compiling():
+            return block_forward(self, x)      # inside a compiled model: traced as is
+        if _COMPILE["broken"] or not wanted:
+            return self._eager(x)
         try:
             return _compiled_block_forward()(self, x)
         except Exception as err:  # noqa: BLE001 - any compiler failure means: run eager
             _COMPILE["broken"] = True
             warnings.warn(f"torch.compile of LipNeXtBlock failed ({type(err).__name__}: {err}); "
                           "running eager", RuntimeWarning, stacklevel=2)
+            return self._eager(x)
+
+    def _eager(self, x: torch.Tensor) -> torch.Tensor:
+        """The one-function block (``ops.lipnext_block``) where it applies: beta-Abs, no autocast."""
+        if not isinstance(self.act, BetaAbs) or torch.is_autocast_enabled(x.device.type):
             return block_forward(self, x)
+        r = self.R.to(x.dtype)
+        return lipnext_block(self.pos(x), r, self.M.to(x.dtype), self.bias.to(x.dtype),
+                             self.shift.group, self.shift.padding, self.act.num_abs)
 
 
 def channel_mix(y: torch.Tensor, r: torch.Tensor, m: torch.Tensor,

@@ -34,12 +34,14 @@ def _cayley_expm1(a: Tensor) -> Tensor:
     return torch.linalg.solve(eye - a / 2, a)
 
 
-def exp_update(x: Tensor, a: Tensor, *, method: str = "fast_exp", precision: str = "fp32") -> Tensor:
+def exp_update(x: Tensor, a: Tensor, *, method: str = "fast_exp", precision: str = "fp32",
+               skew: bool = False) -> Tensor:
     """X exp(A) (or X cay(A) for "cayley") for X (..., m, n), A (..., n, n), returned in X's dtype.
 
     E - I and X (E - I) are computed in ``precision`` (float64 for "fp64", float32 otherwise);
     the sum X + X (E - I) is formed in the wider of that and X's dtype, so a float64 X keeps
     float64 accuracy where U is 0 or tiny (and X is returned unchanged for U = 0).
+    ``skew``: A is exactly skew by construction (``fast_expm1`` skips its check).
     """
     if method not in METHODS:
         raise ValueError(f"unknown update method {method!r}; use one of {', '.join(METHODS)}")
@@ -50,7 +52,7 @@ def exp_update(x: Tensor, a: Tensor, *, method: str = "fast_exp", precision: str
                          f"shape, got {tuple(x.shape)} and {tuple(a.shape)}")
     xw, aw = x.to(prec.dtype), a.to(prec.dtype)
     if method == "fast_exp":
-        w = fast_expm1(aw, precision)
+        w = fast_expm1(aw, precision, skew=skew)
     else:
         w = (_exact_expm1 if method == "exact" else _cayley_expm1)(aw)
     flat, w = xw.reshape(-1, *x.shape[-2:]), w.reshape(-1, *w.shape[-2:])

@@ -9,7 +9,7 @@ functions (docs/CORE.md, Optimizer), in the spirit of torch.optim's functional `
     m <- b1 m + (1 - b1) A,  v <- b2 v + (1 - b2) A * A       update_moments_
     U = -lr (D + wd skew(X)),  D = (c_m m + c_g A) / (sqrt(v / (1 - b2^t)) + eps)
                                                               manifold_step_direction
-    X <- X exp(U)                                             rotate (exp_update)
+    X <- X exp(U)                                             exp_update (U exactly skew)
     S <- S + U; every K steps X_slow <- X_slow exp(alpha S), X <- X_slow, S <- 0
                                                               lookahead_orthogonal_
 
@@ -23,7 +23,7 @@ from torch import Tensor
 from .exp_update import exp_update
 
 __all__ = ["adam_coefficients", "adam_foreach_", "lie_gradient", "lookahead_due",
-           "lookahead_euclidean_", "lookahead_orthogonal_", "manifold_step_direction", "rotate",
+           "lookahead_euclidean_", "lookahead_orthogonal_", "manifold_step_direction",
            "skew", "update_moments_"]
 
 
@@ -82,11 +82,6 @@ def manifold_step_direction(x: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: T
     return d.mul_(-lr)
 
 
-def rotate(x: Tensor, u: Tensor, method: str = "fast_exp", precision: str = "fp32") -> Tensor:
-    """X exp(U) (a stack), by ``exp_update``: ``method`` fast_exp | exact | cayley."""
-    return exp_update(x, u, method=method, precision=precision)
-
-
 def lookahead_due(step: Tensor, k: int) -> Tensor:
     """Boolean mask of the entries whose step count is a multiple of k (Lookahead sync)."""
     return torch.remainder(step, k) == 0
@@ -101,7 +96,8 @@ def lookahead_orthogonal_(x: Tensor, slow: Tensor, lookahead_sum: Tensor, u: Ten
     lookahead_sum.add_(u)
     idx = due.nonzero().squeeze(1).to(x.device)
     if len(idx):
-        synced = rotate(slow[idx], alpha * lookahead_sum[idx], method, precision)
+        synced = exp_update(slow[idx], alpha * lookahead_sum[idx], method=method,
+                            precision=precision, skew=True)
         slow[idx] = synced
         lookahead_sum[idx] = 0
         x[idx] = synced

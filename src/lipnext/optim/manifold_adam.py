@@ -218,7 +218,7 @@ class ManifoldAdam(Optimizer):
                 lr=group["lr"] * group["orthogonal_lr_scale"], betas=group["betas"],
                 eps=group["eps"], weight_decay=group["orthogonal_weight_decay"])
             del g
-            x = F.rotate(x, u, **rotation)
+            x = F.exp_update(x, u, skew=True, **rotation)
             if k:
                 x = F.lookahead_orthogonal_(x, s["slow"][rows], s["lookahead_sum"][rows], u,
                                             due[rows], group["lookahead_alpha"], **rotation)
