@@ -4,7 +4,7 @@
 
 Forward: one GEMM, the shift S written once into a fresh buffer by slice copies (no
 split/roll/cat), ``addmm`` for the bias, beta-Abs in place on the GEMM's output (its
-signs kept as int8). Backward by hand, the same GEMMs as autograd's:
+signs kept). Backward by hand, the same GEMMs as autograd's:
 
     G = dZ * sign        (first k = beta C channels; 1 elsewhere)
     db = sum G,  dW = S(Y1)^T G,  dY2 = G W^T,  dY1 = S^T dY2,
@@ -79,7 +79,7 @@ class _Block(torch.autograd.Function):
         else:
             mix = rows @ r
             z = torch.addmm(bias, mix, m.mT)
-        sign = z[:, :k].sign().to(torch.int8)
+        sign = z[:, :k].sign()
         z[:, :k].abs_()
         ctx.save_for_backward(u, r, m, y2, mix, sign)
         ctx.shift = (pairs, covering)
@@ -92,11 +92,10 @@ class _Block(torch.autograd.Function):
         u, r, m, y2, mix, sign = ctx.saved_tensors
         need_u, need_r, need_m, need_b = ctx.needs_input_grad[:4]
         c = u.shape[-1]
-        g, k = dz.reshape(-1, c), sign.shape[1]
-        if k:                                          # one pass: G = dZ * sign, dZ on the rest
-            g = torch.empty_like(g)
-            torch.mul(dz.reshape(-1, c)[:, :k], sign, out=g[:, :k])
-            g[:, k:] = dz.reshape(-1, c)[:, k:]
+        g = dz.reshape(-1, c)
+        if sign.shape[1]:                              # G = dZ * sign on the first k channels
+            g = g.clone()
+            g[:, :sign.shape[1]].mul_(sign)
         rows = y2.view(-1, c)
         db = g.sum(0) if need_b else None
         if ctx.fuse:                                   # mix = W = R M^T

@@ -74,12 +74,13 @@ def manifold_step_direction(x: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: T
     """
     a = lie_gradient(x, g)
     update_moments_(exp_avg, exp_avg_sq, a, betas)
-    denom = (exp_avg_sq / bc2).sqrt_().add_(eps)
-    d = (exp_avg * c_m).addcmul_(a, c_g).div_(denom)
+    scale = -lr * bc2.sqrt()          # U = scale (c_m m + c_g A) / (sqrt(v) + eps sqrt(1 - b2^t))
+    denom = exp_avg_sq.sqrt().add_(eps * bc2.sqrt())
+    d = (exp_avg * (c_m * scale)).addcmul_(a, c_g * scale).div_(denom)
     del a, denom
     if weight_decay:
-        d.add_(skew(x), alpha=weight_decay)
-    return d.mul_(-lr)
+        d.add_(skew(x), alpha=-lr * weight_decay)
+    return d
 
 
 def lookahead_due(step: Tensor, k: int) -> Tensor:
