@@ -5,9 +5,9 @@ from .bronet import BRONet, BRONetConfig
 from .liresnet import LiResNet, LiResNetConfig
 from .lipnext import LipNeXt, LipNeXtBlock, LipNeXtConfig
 from .registry import (build_from_config, create_model, list_models, model_entry, register_arch,
-                       register_model)
+                       register_model, register_sizes)
 
 __all__ = ["BRONet", "BRONetConfig", "CertifiableConfig", "CertifiableModel", "LiResNet",
            "LiResNetConfig", "LipNeXt", "LipNeXtBlock", "LipNeXtConfig", "build_from_config",
            "check_images", "create_model", "default_patch_size", "list_models", "model_entry",
-           "register_arch", "register_model"]
+           "register_arch", "register_model", "register_sizes"]

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..nn import BROConv2d, BROLinear, MinMax
 from .conv_trunk import ConvTrunkConfig, ConvTrunkModel
-from .registry import register_arch, register_model
+from .registry import register_arch, register_sizes
 
 __all__ = ["BRONet", "BRONetConfig", "BROBlock"]
 
@@ -65,8 +65,7 @@ class BRONet(ConvTrunkModel):
     arch = "bronet"
     config_class = BRONetConfig
 
-    def make_stem(self, c: BRONetConfig) -> nn.Module:
-        return BROLinear(c.in_chans * c.patch_size ** 2, c.width)
+    dense_layer = BROLinear         # the stem: rank max(C_in p^2, width) // 2
 
     def make_block(self, c: BRONetConfig) -> nn.Module:
         return BROBlock(c.width, c.grid, c.kernel_size, c.rank)
@@ -77,11 +76,9 @@ class BRONet(ConvTrunkModel):
 
 # configurations paired with LipNeXt at equal parameter counts: l6w96 ~ lipnext_l8w128,
 # l12w172 ~ lipnext_l12w256
-for _name, (_depth, _width, _note) in {
+register_sizes("bronet", "BRONet-style", {
     "bronet_l6w96": (6, 96, "0.26M params, pairs with lipnext_l8w128 (0.28M)"),
     "bronet_l12w128": (12, 128, "0.91M params"),
     "bronet_l12w172": (12, 172, "1.64M params, pairs with lipnext_l12w256 (1.64M)"),
     "bronet_l12w512": (12, 512, "14.4M params, BRONet-paper-scale width"),
-}.items():
-    register_model(_name, "bronet", f"BRONet-style L{_depth} W{_width}, {_note}",
-                   depth=_depth, width=_width)
+})

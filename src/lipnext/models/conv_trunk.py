@@ -6,12 +6,13 @@ x -> patchify(x - mean) -> stem (dense, 1-Lipschitz) -> conv blocks (channels fi
 
     L = bound(stem) * prod_blocks bound(block) * prod_dense bound(dense).
 
-A subclass gives the stem, a block and a dense layer (``make_stem``, ``make_block``,
-``make_dense``).
+A subclass names its dense layer class (``dense_layer``, for the stem and the dense
+layers) and builds a block (``make_block``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -42,9 +43,11 @@ class ConvTrunkConfig(CertifiableConfig):
 class ConvTrunkModel(CertifiableModel):
     """Builds ``mean``, ``stem``, ``blocks``, ``pool``, ``dense``, ``act``, ``head`` in that order."""
 
+    dense_layer: ClassVar[type[nn.Module]]   # dense_layer(in_features, out_features), 1-Lipschitz
+
     def make_stem(self, c: ConvTrunkConfig) -> nn.Module:
         """The dense stem, C_in p^2 -> width."""
-        raise NotImplementedError
+        return self.dense_layer(c.in_chans * c.patch_size ** 2, c.width)
 
     def make_block(self, c: ConvTrunkConfig) -> nn.Module:
         """One conv block on (B, width, h, w)."""
@@ -52,7 +55,7 @@ class ConvTrunkModel(CertifiableModel):
 
     def make_dense(self, c: ConvTrunkConfig) -> nn.Module:
         """One dense layer, width -> width."""
-        raise NotImplementedError
+        return self.dense_layer(c.width, c.width)
 
     def build(self, c: ConvTrunkConfig) -> None:
         self.register_buffer("mean", torch.tensor(c.mean).view(1, -1, 1, 1))

@@ -34,7 +34,7 @@ from ..nn import (L2Pool, NormalizedLinear, OrthogonalParameter, OrthogonalPatch
 from ..nn.activation import make_activation
 from ..nn.stem import SharedPositionalEncoding
 from .base import CertifiableConfig, CertifiableModel, check_images
-from .registry import register_arch, register_model
+from .registry import register_arch, register_sizes
 
 __all__ = ["LipNeXt", "LipNeXtBlock", "LipNeXtConfig", "POS_ENCODINGS"]
 
@@ -177,8 +177,13 @@ class LipNeXt(CertifiableModel):
                 "blocks": math.prod(b.lipschitz_bound() for b in self.blocks)}
 
 
-# name: (depth, width, note); trunk parameters 2 * width^2 * depth (docs/CORE.md, Model)
-for _name, (_depth, _width, _note) in {
+def _trunk_params(depth: int, width: int) -> str:
+    """2 width^2 depth trunk parameters (docs/CORE.md, Model), in millions."""
+    n = 2 * width ** 2 * depth
+    return f"trunk params {n / 1e6:,.{0 if n >= 1e7 else 2}f}M"
+
+
+_SIZES = {  # name: (depth, width, note)
     "lipnext_l4w64": (4, 64, "tiny, for tests"),
     "lipnext_l8w128": (8, 128, "small, for the CPU"),
     "lipnext_l12w256": (12, 256, "small, for the CPU"),
@@ -187,8 +192,6 @@ for _name, (_depth, _width, _note) in {
     "lipnext_l32w2048": (32, 2048, "paper, CIFAR-10/100, Tiny-ImageNet"),
     "lipnext_l32w4096": (32, 4096, "paper, ImageNet 1B"),
     "lipnext_2b": (32, 5792, "paper, ImageNet 2B"),
-}.items():
-    _params = 2 * _width ** 2 * _depth
-    register_model(_name, "lipnext", f"LipNeXt L{_depth} W{_width}, trunk params "
-                   f"{_params / 1e6:,.{0 if _params >= 1e7 else 2}f}M; {_note}",
-                   depth=_depth, width=_width)
+}
+register_sizes("lipnext", "LipNeXt", {name: (d, w, f"{_trunk_params(d, w)}; {note}")
+                                      for name, (d, w, note) in _SIZES.items()})

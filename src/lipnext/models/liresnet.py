@@ -32,7 +32,7 @@ from torch import nn
 from ..bounds import residual_conv_norm_bound
 from ..nn import CholeskyLinear, MinMax, circular_conv2d, power_iteration_residual_conv
 from .conv_trunk import ConvTrunkConfig, ConvTrunkModel
-from .registry import register_arch, register_model
+from .registry import register_arch, register_sizes
 
 __all__ = ["LiResNet", "LiResNetConfig", "LiResBlock"]
 
@@ -102,14 +102,10 @@ class LiResNet(ConvTrunkModel):
     arch = "liresnet"
     config_class = LiResNetConfig
 
-    def make_stem(self, c: LiResNetConfig) -> nn.Module:
-        return CholeskyLinear(c.in_chans * c.patch_size ** 2, c.width)
+    dense_layer = CholeskyLinear
 
     def make_block(self, c: LiResNetConfig) -> nn.Module:
         return LiResBlock(c.width, c.grid, c.kernel_size, c.power_iters)
-
-    def make_dense(self, c: LiResNetConfig) -> nn.Module:
-        return CholeskyLinear(c.width, c.width)
 
     def power_iteration_factors(self) -> list[float]:
         """The stored power-iteration estimates s of ||I + conv_W|| (lower estimates)."""
@@ -118,11 +114,9 @@ class LiResNet(ConvTrunkModel):
 
 # configurations paired with LipNeXt at equal parameter counts: l7w64 ~ lipnext_l8w128,
 # l11w128 ~ lipnext_l12w256
-for _name, (_depth, _width, _note) in {
+register_sizes("liresnet", "LiResNet-style", {
     "liresnet_l7w64": (7, 64, "0.27M params, pairs with lipnext_l8w128 (0.28M)"),
     "liresnet_l11w128": (11, 128, "1.66M params, pairs with lipnext_l12w256 (1.64M)"),
     "liresnet_l12w128": (12, 128, "1.81M params"),
     "liresnet_l12w512": (12, 512, "28.9M params, LiResNet-paper-scale width"),
-}.items():
-    register_model(_name, "liresnet", f"LiResNet-style L{_depth} W{_width}, {_note}",
-                   depth=_depth, width=_width)
+})

@@ -12,8 +12,8 @@ from typing import Any
 
 from .base import CertifiableModel
 
-__all__ = ["register_arch", "register_model", "create_model", "list_models", "model_entry",
-           "build_from_config"]
+__all__ = ["register_arch", "register_model", "register_sizes", "create_model", "list_models",
+           "model_entry", "build_from_config"]
 
 _ARCHS: dict[str, type[CertifiableModel]] = {}
 _MODELS: dict[str, tuple[str, dict[str, Any], str]] = {}
@@ -32,6 +32,13 @@ def register_model(name: str, arch: str, description: str = "", **defaults: Any)
     if name in _MODELS:
         raise ValueError(f"model name {name!r} is already registered")
     _MODELS[name] = (arch, defaults, description)
+
+
+def register_sizes(arch: str, label: str, sizes: dict[str, tuple[int, int, str]]) -> None:
+    """Register named (depth, width) configurations of ``arch``: {name: (depth, width, note)},
+    each described as "<label> L<depth> W<width>, <note>"."""
+    for name, (depth, width, note) in sizes.items():
+        register_model(name, arch, f"{label} L{depth} W{width}, {note}", depth=depth, width=width)
 
 
 def list_models(pattern: str = "") -> list[str]:
