@@ -10,12 +10,10 @@ from lipnext.certify import certify
 from lipnext.io import load_model, save_model
 from lipnext.losses import emma_loss
 from lipnext.models import BRONet, LiResNet, create_model, list_models
-from lipnext.nn.bro import BROConv2d, BROLinear, block_reflector
-from lipnext.nn.cholesky import CholeskyLinear, cholesky_orthogonal
-from lipnext.nn.conv_bounds import circular_conv2d, circular_conv2d_adjoint, \
-    circular_conv_spectrum, operator_norm_bound, power_iteration_residual_conv, \
-    residual_conv_norm_bound
-from lipnext.nn.minmax import MinMax
+from lipnext.bounds import circular_conv_spectrum, operator_norm_bound, residual_conv_norm_bound
+from lipnext.nn import (BROConv2d, BROLinear, CholeskyLinear, MinMax, block_reflector,
+                        cholesky_orthogonal, circular_conv2d, circular_conv2d_adjoint,
+                        power_iteration_residual_conv)
 from lipnext.optim import build_optimizer
 
 
@@ -88,7 +86,7 @@ def test_cholesky_orthogonal_rows_or_columns(shape):
     layer = CholeskyLinear(shape[1], shape[0])
     with torch.no_grad():
         layer.weight.add_(torch.randn(shape))
-    assert layer.norm_bound() >= torch.linalg.matrix_norm(layer.matrix().double(), 2).item()
+    assert layer.lipschitz_bound() >= torch.linalg.matrix_norm(layer.matrix().double(), 2).item()
 
 
 def test_block_reflector_is_orthogonal_and_a_reflection():
@@ -107,7 +105,7 @@ def test_bro_convolution_is_an_orthogonal_operator():
     torch.testing.assert_close(a.T @ a, torch.eye(a.shape[0], dtype=torch.float64),
                                atol=1e-5, rtol=0)
     exact = torch.linalg.matrix_norm(a, 2).item()
-    assert exact <= conv.norm_bound() * (1 + 1e-6) and conv.norm_bound() < 1 + 1e-4
+    assert exact <= conv.lipschitz_bound() * (1 + 1e-6) and conv.lipschitz_bound() < 1 + 1e-4
 
 
 def test_minmax_is_norm_preserving_and_1_lipschitz():

@@ -116,3 +116,36 @@ def test_seed_makes_construction_reproducible():
     a, b = tiny(seed=3), tiny(seed=3)
     for pa, pb in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb)
+
+
+def test_config_dataclass_and_keyword_options_build_the_same_model():
+    from lipnext.models import LipNeXtConfig
+    cfg = LipNeXtConfig(depth=2, width=16, image_size=8, seed=1)
+    assert cfg.image_size == (8, 8) and cfg.patch_size == 2 and cfg.mean == [0.5] * 3
+    a, b = LipNeXt(cfg, num_classes=5), LipNeXt(depth=2, width=16, image_size=8, seed=1, num_classes=5)
+    assert a.config() == b.config() and a.cfg.num_classes == 5 and cfg.num_classes == 10
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb)
+    with pytest.raises(TypeError, match="LipNeXtConfig"):
+        LipNeXt(object())
+    with pytest.raises(TypeError, match="dept"):
+        LipNeXt(dept=3)
+
+
+def test_seed_scope_leaves_the_global_generator_alone():
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    tiny(seed=5)
+    torch.testing.assert_close(torch.rand(3), expected)
+
+
+def test_a_config_written_by_the_keyword_constructor_still_loads():
+    """The header config of files saved before the configs were dataclasses (a literal copy)."""
+    from lipnext.models import build_from_config
+    saved = {"depth": 2, "width": 16, "num_classes": 10, "in_chans": 1, "image_size": [8, 8],
+             "patch_size": 2, "alpha": 0.125, "beta": 0.5, "mean": [0.5], "std": None, "seed": 4,
+             "pos_encoding": "block", "padding": "circular", "activation": "beta_abs"}
+    m = build_from_config("lipnext", saved)
+    assert m.config() == saved and m.image_size == (8, 8) and m.in_chans == 1
+    assert build_from_config("lipnext", {"depth": 2, "width": 16}).config()["alpha"] == 0.125

@@ -10,6 +10,17 @@ orthogonal one. G is formed in float64; the
 rounding error of that product, at most gamma_n ||W||_F^2 with gamma_n = n u/(1 - n u),
 is added on top, so the bound holds for the exact real-number matrix stored in W.
 
+A circular (wrap-around) convolution with kernel K (C_out, C_in, k, k) on an n1 x n2 grid
+is block-diagonalised by the 2-D DFT (Sedghi, Gupta, Long, ICLR 2019): its singular values
+are those of the C_out x C_in matrices
+
+    K_hat(f) = sum_{a,b} K[:, :, a, b] exp(-2 pi i (f1 a / n1 + f2 b / n2)),
+
+one per frequency f, so ||conv||_2 = max_f sigma_max(K_hat(f)) (``operator_norm_bound`` of
+``circular_conv_spectrum``). The kernel's offset from the centre only multiplies K_hat(f)
+by a unit scalar, and f, -f have conjugate matrices, so the half spectrum of ``rfft2``
+suffices. (Power iteration, ``lipnext.nn.circular``, gives only a LOWER estimate.)
+
 ``pairwise_distances`` gives ||w_i - w_j||_2 from the differences themselves (never the
 Gram form ||a||^2 + ||b||^2 - 2 a.b, which cancels catastrophically for close rows: it
 returns 0 for rows one float32 ulp apart); ``distance_upper`` rounds them up soundly.
@@ -18,10 +29,18 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["spectral_norm_bound", "gram_error", "pairwise_distances", "distance_upper", "gamma"]
+__all__ = ["spectral_norm_bound", "operator_norm_bound", "circular_conv_spectrum", "residual_kernel",
+           "residual_conv_norm_bound", "gram_error", "pairwise_distances", "distance_upper", "gamma",
+           "SLACK"]
 
 _U64 = 2.0 ** -53
 _CHUNK = 2 ** 22  # float64 entries of one block of differences (32 MiB)
+# Relative slack added to a float64 singular value: LAPACK's SVD returns each sigma
+# with error at most p(n) u sigma_max (p a modest polynomial, u = 2^-53), and the
+# float64 FFT of a kernel perturbs K_hat(f) by at most ~log2(n1 n2) u ||K||_F
+# <= log2(n1 n2) u sqrt(C n1 n2) sigma_max; for C <= 10^4 and grids up to 64 x 64 both
+# stay below 1e-11 sigma_max, so 1e-9 is a wide margin.
+SLACK = 1e-9
 
 
 def gamma(n: int, u: float = _U64) -> float:
@@ -66,3 +85,34 @@ def spectral_norm_bound(w: torch.Tensor) -> torch.Tensor:
     gershgorin = (e + torch.eye(e.shape[-1], dtype=e.dtype, device=e.device)).abs().sum(-1).amax(-1)
     lam = torch.minimum(fro, gershgorin) + rounding
     return torch.sqrt(lam.clamp_min(0.0))
+
+
+def operator_norm_bound(mats: torch.Tensor) -> float:
+    """Sound upper bound on max over a batch of sigma_max(A), from float64 SVDs + slack."""
+    a = mats.detach()
+    a = a.to(torch.complex128) if a.is_complex() else a.to(torch.float64)
+    sigma = torch.linalg.svdvals(a).amax().item()
+    return sigma * (1.0 + SLACK)
+
+
+def circular_conv_spectrum(kernel: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """K_hat(f) for the half spectrum: complex128 (n1, n2 // 2 + 1, C_out, C_in)."""
+    c_out, c_in, k1, k2 = kernel.shape
+    if k1 > grid[0] or k2 > grid[1]:
+        raise ValueError(f"kernel {k1}x{k2} is larger than the {grid[0]}x{grid[1]} grid")
+    k64 = kernel.detach().to(torch.float64)
+    spec = torch.fft.rfft2(k64, s=grid)                   # (C_out, C_in, n1, n2//2+1)
+    return spec.permute(2, 3, 0, 1)
+
+
+def residual_kernel(weight: torch.Tensor) -> torch.Tensor:
+    """The kernel of x + conv_W(x): W with the identity added to its centre tap."""
+    c, k1, k2 = weight.shape[0], weight.shape[-2], weight.shape[-1]
+    eye = torch.zeros_like(weight)
+    eye[:, :, k1 // 2, k2 // 2] = torch.eye(c, dtype=weight.dtype, device=weight.device)
+    return weight + eye
+
+
+def residual_conv_norm_bound(weight: torch.Tensor, grid: tuple[int, int]) -> float:
+    """Sound bound on ||I + conv_W||_2 for a square circular convolution W (C, C, k, k)."""
+    return operator_norm_bound(circular_conv_spectrum(residual_kernel(weight.detach().double()), grid))

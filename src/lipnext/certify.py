@@ -31,9 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .bounds import distance_upper, gamma, pairwise_distances
+from .bounds import distance_upper, gamma, operator_norm_bound, pairwise_distances
 from .models.base import CertifiableModel, check_images
-from .nn.conv_bounds import operator_norm_bound
 from .rounding import UP, U64, Float64Twin, propagate
 
 __all__ = ["Certificate", "RoundingBound", "certify", "certified_radius", "standard_numerics", "RULES"]

@@ -27,8 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .bounds import gamma, spectral_norm_bound
-from .nn.conv_bounds import residual_conv_norm_bound
+from .bounds import gamma, residual_conv_norm_bound, spectral_norm_bound
 
 __all__ = ["Step", "Float64Twin", "float64_twin", "trunk_program", "propagate", "linear",
            "translate", "scale", "exact", "l2_pool", "residual_conv", "bro_conv", "U64", "UP",
@@ -141,7 +140,7 @@ def bro_conv(spectrum: torch.Tensor, grid: tuple[int, int], lip: float) -> Step:
 
 def _lipnext_program(m) -> list[Step]:
     stem = m.stem
-    hw, p, c = m.image_size, m.patch_size, m.width
+    hw, p, c = m.image_size, m.patch_size, m.cfg.width
     tokens = (hw[0] // p) * (hw[1] // p)
     steps = [translate(-stem.mean, m.in_chans * hw[0] * hw[1], "stem.mean")]
     if stem.inv_std is not None:
@@ -165,7 +164,7 @@ def _lipnext_program(m) -> list[Step]:
 
 def _conv_trunk_program(m, block_steps: Callable[[int, nn.Module], list[Step]]) -> list[Step]:
     from .nn.minmax import patchify
-    hw, p, c = m.image_size, m.patch_size, m.width
+    hw, p, c = m.image_size, m.patch_size, m.cfg.width
     tokens = (hw[0] // p) * (hw[1] // p)
     steps = [translate(-m.mean, m.in_chans * hw[0] * hw[1], "mean"),
              exact(lambda x: patchify(x, p), "patchify"), linear(m.stem.matrix(), "stem")]
@@ -193,7 +192,7 @@ def _liresnet_block(i: int, blk) -> list[Step]:
 def _bronet_block(i: int, blk) -> list[Step]:
     conv = blk.conv
     numel = conv.channels * conv.grid[0] * conv.grid[1]
-    return [bro_conv(conv.spectrum(), conv.grid, conv.norm_bound()),
+    return [bro_conv(conv.spectrum(), conv.grid, conv.lipschitz_bound()),
             translate(blk.bias, numel, f"blocks.{i}.bias"), exact(blk.act, f"blocks.{i}.act")]
 
 

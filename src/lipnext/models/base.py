@@ -1,16 +1,26 @@
-"""The interface every certifiable lipnext model follows.
+"""The interface every certifiable lipnext model follows, and the base that builds one.
 
 A model is a trunk f = forward_features(x) with a sound Lipschitz bound L
 (``lipschitz_bound()``) followed by a linear head z = forward_head(f) = W f + b whose
 effective weight W is ``head_weight()``. Certification (``lipnext.certify``) needs
 nothing else, so any architecture with this interface can be certified and verified.
+
+An architecture is a ``CertifiableConfig`` dataclass (its constructor options) and a
+``CertifiableModel`` subclass naming it in ``config_class`` and building its layers in
+``build(config)``. The base resolves the shared options once (the geometry, the mean),
+builds inside the seed scope (``seeded()``) and saves the config (``config()``, JSON).
+The trunk's bound is the product over its layers of their ``lipschitz_bound()``
+(``lipschitz_factors()``).
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import warnings
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -18,7 +28,8 @@ from torch import nn
 # float pixels outside this range draw a warning: [0, 1], with room for attacks in R^n
 PIXEL_RANGE = (-1.0, 2.0)
 
-__all__ = ["CertifiableModel", "check_images", "check_pixel_range", "default_patch_size", "resolve_geometry", "resolve_mean"]
+__all__ = ["CertifiableConfig", "CertifiableModel", "check_images", "check_pixel_range",
+           "default_patch_size", "resolve_geometry", "resolve_mean"]
 
 
 def default_patch_size(image_size: int) -> int:
@@ -96,13 +107,80 @@ def check_pixel_range(lo: float, hi: float) -> None:
                       "subtracted inside the model); divide 0..255 pixels by 255", UserWarning, stacklevel=3)
 
 
-class CertifiableModel(nn.Module):
-    """Base class: trunk with a sound Lipschitz bound + linear head; config round-trips."""
+@dataclasses.dataclass(kw_only=True)
+class CertifiableConfig:
+    """The options every image model shares, resolved on creation: ``image_size`` -> (H, W),
+    ``patch_size`` -> a divisor of both (``default_patch_size`` if None), ``mean`` -> one float
+    per channel (0.5 if None). Subclasses add their architecture's options."""
 
-    arch: str = ""
+    num_classes: int = 10
+    in_chans: int = 3
+    image_size: int | Sequence[int] = 32
+    patch_size: int | None = None
+    mean: Sequence[float] | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        self.image_size, self.patch_size = resolve_geometry(self.image_size, self.patch_size)
+        self.mean = resolve_mean(self.mean, self.in_chans)
+        if not isinstance(self.num_classes, int) or self.num_classes < 2:
+            raise ValueError(f"need num_classes >= 2, got {self.num_classes!r}")
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """The token grid (H / p, W / p) of p x p patches."""
+        (h, w), p = self.image_size, self.patch_size
+        return h // p, w // p
+
+
+class CertifiableModel(nn.Module):
+    """Base class: trunk with a sound Lipschitz bound + linear head; config round-trips.
+
+    ``Model(config)`` or ``Model(**options)`` (or both: the options replace fields of the
+    config). ``model.cfg`` is the resolved config; the fields every model shares are also
+    attributes (``num_classes``, ``in_chans``, ``image_size``, ``patch_size``). A subclass
+    without a ``config_class`` sets those itself and takes no options.
+    """
+
+    arch: ClassVar[str] = ""
+    config_class: ClassVar[type[CertifiableConfig] | None] = None
     num_classes: int
     in_chans: int
     image_size: tuple[int, int]
+
+    def __init__(self, config: CertifiableConfig | None = None, /, **options: Any):
+        super().__init__()
+        if self.config_class is None:
+            if config is not None or options:
+                raise TypeError(f"{type(self).__name__} has no config_class: it takes no options")
+            return
+        if config is None:
+            config = self.config_class(**options)
+        elif not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__} takes a {self.config_class.__name__}, "
+                            f"got {type(config).__name__}")
+        elif options:
+            config = dataclasses.replace(config, **options)
+        self.cfg = config
+        self.num_classes, self.in_chans = config.num_classes, config.in_chans
+        self.image_size, self.patch_size = config.image_size, config.patch_size
+        self.validate_inputs = True
+        with self.seeded():
+            self.build(config)
+
+    def build(self, config: CertifiableConfig) -> None:
+        """Create the layers (called once, inside ``seeded()``)."""
+        raise NotImplementedError
+
+    @contextmanager
+    def seeded(self) -> Iterator[None]:
+        """Draw random numbers from ``torch.manual_seed(seed)`` when the config has a seed,
+        leaving the global generator as it was; without a seed, from the global generator."""
+        seed = self.cfg.seed
+        with torch.random.fork_rng(enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            yield
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -114,9 +192,22 @@ class CertifiableModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    @torch.no_grad()
     def lipschitz_factors(self) -> dict[str, float]:
-        """Sound upper bounds of the trunk's successive parts, measured from the weights."""
-        raise NotImplementedError
+        """Sound upper bounds of the trunk's parts, measured from the weights: for each child
+        module but the head, in order, its ``lipschitz_bound()``, and for a list of layers the
+        product of theirs (1 for an empty list). A module without ``lipschitz_bound()`` is
+        1-Lipschitz by construction (an isometry, a translation, MinMax, L2 pooling)."""
+        factors = {}
+        for name, child in self.named_children():
+            if name == "head":
+                continue
+            if isinstance(child, (nn.ModuleList, nn.Sequential)):
+                factors[name] = math.prod(float(layer.lipschitz_bound()) for layer in child
+                                          if hasattr(layer, "lipschitz_bound"))
+            elif hasattr(child, "lipschitz_bound"):
+                factors[name] = float(child.lipschitz_bound())
+        return factors
 
     def lipschitz_bound(self) -> float:
         """Sound upper bound on the L2 Lipschitz constant of forward_features: the product
@@ -128,5 +219,6 @@ class CertifiableModel(nn.Module):
         return self.head.normalized_weight()
 
     def config(self) -> dict[str, Any]:
-        """Constructor keyword arguments (JSON-serialisable) that rebuild this model."""
-        return dict(self._config)
+        """The config's fields as JSON values (tuples become lists): ``type(model)(**config)``
+        rebuilds the model; ``lipnext.save_model`` stores it in the file's header."""
+        return json.loads(json.dumps(dataclasses.asdict(self.cfg)))

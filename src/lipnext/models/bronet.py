@@ -17,18 +17,16 @@ forward pass actually computes (float32), in float64 with a rounding slack:
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..nn import L2Pool, NormalizedLinear
-from ..nn.bro import BROConv2d, BROLinear
-from ..nn.minmax import MinMax
-from .base import resolve_geometry, resolve_mean
-from .conv_trunk import ConvTrunkModel
+from ..nn import BROConv2d, BROLinear, MinMax
+from .conv_trunk import ConvTrunkConfig, ConvTrunkModel
+from .registry import register_arch, register_sizes
 
-__all__ = ["BRONet", "BROBlock"]
+__all__ = ["BRONet", "BRONetConfig", "BROBlock"]
 
 
 class BROBlock(nn.Module):
@@ -44,48 +42,43 @@ class BROBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.conv(x) + self.bias.to(x.dtype))
 
+    def lipschitz_bound(self) -> float:
+        """bound(BROConv): MinMax and the bias are 1-Lipschitz."""
+        return self.conv.lipschitz_bound()
 
+
+@dataclass(kw_only=True)
+class BRONetConfig(ConvTrunkConfig):
+    """The conv trunk's options with the BRO ``rank`` of V (default width // 2)."""
+
+    rank: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.rank = self.rank or self.width // 2
+
+
+@register_arch
 class BRONet(ConvTrunkModel):
     """BRONet-style classifier on raw pixels in [0, 1] of shape (B, in_chans, H, W)."""
 
     arch = "bronet"
+    config_class = BRONetConfig
 
-    def __init__(self, depth: int = 12, width: int = 128, num_classes: int = 10, in_chans: int = 3,
-                 image_size: int | Sequence[int] = 32, patch_size: int | None = None,
-                 kernel_size: int = 3, rank: int | None = None, dense_depth: int = 2,
-                 mean: Sequence[float] | None = None, seed: int | None = None):
-        super().__init__()
-        hw, patch_size = resolve_geometry(image_size, patch_size)
-        if depth < 0 or dense_depth < 0 or width < 2 or width % 2 or num_classes < 2:
-            raise ValueError(f"need depth >= 0, dense_depth >= 0, an even width >= 2 and "
-                             f"num_classes >= 2; got {depth}, {dense_depth}, {width}, {num_classes}")
-        mean = resolve_mean(mean, in_chans)
-        rank = rank or width // 2
-        self._config = dict(depth=depth, width=width, num_classes=num_classes, in_chans=in_chans,
-                            image_size=list(hw), patch_size=patch_size, kernel_size=kernel_size,
-                            rank=rank, dense_depth=dense_depth, mean=mean, seed=seed)
-        self.depth, self.width, self.num_classes, self.in_chans = depth, width, num_classes, in_chans
-        self.image_size, self.patch_size = hw, patch_size
-        grid = (hw[0] // patch_size, hw[1] // patch_size)
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
-        with torch.random.fork_rng(enabled=seed is not None):
-            if seed is not None:
-                torch.manual_seed(seed)
-            self.stem = BROLinear(in_chans * patch_size ** 2, width)
-            self.blocks = nn.ModuleList(BROBlock(width, grid, kernel_size, rank) for _ in range(depth))
-            self.pool = L2Pool()
-            self.dense = nn.ModuleList(BROLinear(width, width, rank) for _ in range(dense_depth))
-            self.act = MinMax(dim=-1)
-            self.head = NormalizedLinear(width, num_classes)
-        self.validate_inputs = True
+    dense_layer = BROLinear         # the stem: rank max(C_in p^2, width) // 2
 
-    @torch.no_grad()
-    def lipschitz_factors(self) -> dict[str, float]:
-        """Sound bounds of the stem, the product over blocks and the product over dense layers."""
-        blocks = dense = 1.0
-        for b in self.blocks:
-            blocks *= b.conv.norm_bound()
-        for layer in self.dense:
-            dense *= layer.norm_bound()
-        return {"stem": self.stem.norm_bound(), "blocks": blocks, "dense": dense}
+    def make_block(self, c: BRONetConfig) -> nn.Module:
+        return BROBlock(c.width, c.grid, c.kernel_size, c.rank)
 
+    def make_dense(self, c: BRONetConfig) -> nn.Module:
+        return BROLinear(c.width, c.width, c.rank)
+
+
+# configurations paired with LipNeXt at equal parameter counts: l6w96 ~ lipnext_l8w128,
+# l12w172 ~ lipnext_l12w256
+register_sizes("bronet", "BRONet-style", {
+    "bronet_l6w96": (6, 96, "0.26M params, pairs with lipnext_l8w128 (0.28M)"),
+    "bronet_l12w128": (12, 128, "0.91M params"),
+    "bronet_l12w172": (12, 172, "1.64M params, pairs with lipnext_l12w256 (1.64M)"),
+    "bronet_l12w512": (12, 512, "14.4M params, BRONet-paper-scale width"),
+})

@@ -1,21 +1,70 @@
 """The trunk shared by the convolutional baselines (LiResNet-style, BRONet-style).
 
 x -> patchify(x - mean) -> stem (dense, 1-Lipschitz) -> conv blocks (channels first)
--> L2 pooling -> dense layers with MinMax; each part's bound is the subclass's
-``lipschitz_factors()``.
+-> L2 pooling -> dense layers with MinMax -> head; each layer's bound is its
+``lipschitz_bound()`` (the mean, MinMax and pooling are 1-Lipschitz), so
+
+    L = bound(stem) * prod_blocks bound(block) * prod_dense bound(dense).
+
+A subclass names its dense layer class (``dense_layer``, for the stem and the dense
+layers) and builds a block (``make_block``).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
+from torch import nn
 
-from ..nn.minmax import patchify
-from .base import CertifiableModel, check_images
+from ..nn import L2Pool, MinMax, NormalizedLinear, patchify
+from .base import CertifiableConfig, CertifiableModel, check_images
 
-__all__ = ["ConvTrunkModel"]
+__all__ = ["ConvTrunkConfig", "ConvTrunkModel"]
+
+
+@dataclass(kw_only=True)
+class ConvTrunkConfig(CertifiableConfig):
+    """``depth`` conv blocks of ``width`` channels (even: MinMax pairs them), a
+    ``kernel_size`` x ``kernel_size`` kernel, ``dense_depth`` dense layers."""
+
+    depth: int = 12
+    width: int = 128
+    kernel_size: int = 3
+    dense_depth: int = 2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.depth < 0 or self.dense_depth < 0 or self.width < 2 or self.width % 2:
+            raise ValueError(f"need depth >= 0, dense_depth >= 0 and an even width >= 2; "
+                             f"got {self.depth}, {self.dense_depth}, {self.width}")
 
 
 class ConvTrunkModel(CertifiableModel):
-    """Needs ``stem``, ``blocks``, ``pool``, ``dense``, ``act``, ``head``, ``mean``, ``patch_size``."""
+    """Builds ``mean``, ``stem``, ``blocks``, ``pool``, ``dense``, ``act``, ``head`` in that order."""
+
+    dense_layer: ClassVar[type[nn.Module]]   # dense_layer(in_features, out_features), 1-Lipschitz
+
+    def make_stem(self, c: ConvTrunkConfig) -> nn.Module:
+        """The dense stem, C_in p^2 -> width."""
+        return self.dense_layer(c.in_chans * c.patch_size ** 2, c.width)
+
+    def make_block(self, c: ConvTrunkConfig) -> nn.Module:
+        """One conv block on (B, width, h, w)."""
+        raise NotImplementedError
+
+    def make_dense(self, c: ConvTrunkConfig) -> nn.Module:
+        """One dense layer, width -> width."""
+        return self.dense_layer(c.width, c.width)
+
+    def build(self, c: ConvTrunkConfig) -> None:
+        self.register_buffer("mean", torch.tensor(c.mean).view(1, -1, 1, 1))
+        self.stem = self.make_stem(c)
+        self.blocks = nn.ModuleList(self.make_block(c) for _ in range(c.depth))
+        self.pool = L2Pool()
+        self.dense = nn.ModuleList(self.make_dense(c) for _ in range(c.dense_depth))
+        self.act = MinMax(dim=-1)
+        self.head = NormalizedLinear(c.width, c.num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Trunk features (B, width)."""

@@ -20,8 +20,10 @@ holds for every choice.
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -32,9 +34,10 @@ from ..nn import (L2Pool, NormalizedLinear, OrthogonalParameter, OrthogonalPatch
                   PositionalEncoding, SpatialShift, random_orthogonal)
 from ..nn.activation import BetaAbs, make_activation
 from ..nn.stem import SharedPositionalEncoding
-from .base import CertifiableModel, check_images, resolve_geometry, resolve_mean
+from .base import CertifiableConfig, CertifiableModel, check_images
+from .registry import register_arch, register_sizes
 
-__all__ = ["LipNeXt", "LipNeXtBlock", "POS_ENCODINGS"]
+__all__ = ["LipNeXt", "LipNeXtBlock", "LipNeXtConfig", "POS_ENCODINGS"]
 
 POS_ENCODINGS = ("block", "shared", "none")
 
@@ -61,6 +64,12 @@ class LipNeXtBlock(nn.Module):
         self.shift = SpatialShift(width, alpha, padding)
         self.bias = nn.Parameter(torch.zeros(width))
         self.act = make_activation(activation, width, beta)
+
+    @torch.no_grad()
+    def lipschitz_bound(self) -> float:
+        """bound(R)^2 bound(M): S, beta-Abs, p and b are 1-Lipschitz or translations."""
+        r, m = spectral_norm_bound(self.R), spectral_norm_bound(self.M)
+        return float(r * r * m)
 
     #: torch.compile the block (fusing shift, beta-Abs, bias and positional add around
     #: the GEMMs): None = on CUDA only, True = everywhere, False = never. A block that
@@ -119,46 +128,48 @@ def _compiled_block_forward() -> Callable[[LipNeXtBlock, torch.Tensor], torch.Te
 _COMPILE = {"broken": False}
 
 
+@dataclass(kw_only=True)
+class LipNeXtConfig(CertifiableConfig):
+    """LipNeXt's options: ``depth`` blocks of ``width`` channels, the shift's ``alpha``,
+    beta-Abs's ``beta``, an optional ``std`` division, and the ablation switches."""
+
+    depth: int = 8
+    width: int = 128
+    alpha: float = 1 / 8
+    beta: float = 0.5
+    std: Sequence[float] | None = None
+    pos_encoding: str = "block"
+    padding: str = "circular"
+    activation: str = "beta_abs"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.depth < 1 or self.width < 1:
+            raise ValueError(f"need depth >= 1 and width >= 1; got {self.depth}, {self.width}")
+        if self.pos_encoding not in POS_ENCODINGS:
+            raise ValueError(f"pos_encoding must be one of {', '.join(POS_ENCODINGS)}, "
+                             f"got {self.pos_encoding!r}")
+        self.std = None if self.std is None else [float(v) for v in self.std]
+
+
+@register_arch
 class LipNeXt(CertifiableModel):
     """LipNeXt classifier on raw pixels in [0, 1] of shape (B, in_chans, H, W)."""
 
     arch = "lipnext"
+    config_class = LipNeXtConfig
 
-    def __init__(self, depth: int = 8, width: int = 128, num_classes: int = 10, in_chans: int = 3,
-                 image_size: int | Sequence[int] = 32, patch_size: int | None = None,
-                 alpha: float = 1 / 8, beta: float = 0.5, mean: Sequence[float] | None = None,
-                 std: Sequence[float] | None = None, seed: int | None = None,
-                 pos_encoding: str = "block", padding: str = "circular", activation: str = "beta_abs"):
-        super().__init__()
-        hw, patch_size = resolve_geometry(image_size, patch_size)
-        if depth < 1 or width < 1 or num_classes < 2:
-            raise ValueError(f"need depth >= 1, width >= 1, num_classes >= 2; "
-                             f"got {depth}, {width}, {num_classes}")
-        if pos_encoding not in POS_ENCODINGS:
-            raise ValueError(f"pos_encoding must be one of {', '.join(POS_ENCODINGS)}, got {pos_encoding!r}")
-        mean = resolve_mean(mean, in_chans)
-        self._config = dict(depth=depth, width=width, num_classes=num_classes, in_chans=in_chans,
-                            image_size=list(hw), patch_size=patch_size, alpha=alpha, beta=beta,
-                            mean=mean,
-                            std=None if std is None else [float(s) for s in std], seed=seed,
-                            pos_encoding=pos_encoding, padding=padding, activation=activation)
-        self.depth, self.width, self.num_classes, self.in_chans = depth, width, num_classes, in_chans
-        self.image_size, self.patch_size = hw, patch_size
-        grid = (hw[0] // patch_size, hw[1] // patch_size)
-        with torch.random.fork_rng(enabled=seed is not None):
-            if seed is not None:
-                torch.manual_seed(seed)
-            self.stem = OrthogonalPatchStem(in_chans, width, patch_size, mean, std)
-            pos: PositionalEncoding | None | str = "block"
-            if pos_encoding == "shared":
-                pos = self.pos = PositionalEncoding(grid)   # one p, owned here, used by every block
-            elif pos_encoding == "none":
-                pos = None
-            self.blocks = nn.ModuleList(LipNeXtBlock(width, grid, alpha, beta, pos, padding, activation)
-                                        for _ in range(depth))
-            self.pool = L2Pool()
-            self.head = NormalizedLinear(width, num_classes)
-        self.validate_inputs = True
+    def build(self, c: LipNeXtConfig) -> None:
+        self.stem = OrthogonalPatchStem(c.in_chans, c.width, c.patch_size, c.mean, c.std)
+        pos: PositionalEncoding | None | str = "block"
+        if c.pos_encoding == "shared":
+            pos = self.pos = PositionalEncoding(c.grid)   # one p, owned here, used by every block
+        elif c.pos_encoding == "none":
+            pos = None
+        self.blocks = nn.ModuleList(LipNeXtBlock(c.width, c.grid, c.alpha, c.beta, pos, c.padding,
+                                                 c.activation) for _ in range(c.depth))
+        self.pool = L2Pool()
+        self.head = NormalizedLinear(c.width, c.num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled trunk features (B, width)."""
@@ -169,17 +180,29 @@ class LipNeXt(CertifiableModel):
             x = block(x)
         return self.pool(x)
 
-    def orthogonal_stacks(self) -> dict[str, torch.Tensor]:
-        """All R and all M matrices stacked, (depth, C, C) each."""
-        return {"R": torch.stack([b.R.detach() for b in self.blocks]),
-                "M": torch.stack([b.M.detach() for b in self.blocks])}
-
     @torch.no_grad()
     def lipschitz_factors(self) -> dict[str, float]:
-        """Measured spectral-norm bounds: input scale, stem, and the product over blocks."""
-        st = self.orthogonal_stacks()
-        r, m = spectral_norm_bound(st["R"]), spectral_norm_bound(st["M"])
+        """Measured bounds: the input scale 1/min(std), ||W_stem|| and prod_blocks ||R||^2 ||M||."""
         return {"input": self.stem.input_scale(),
                 "stem": float(spectral_norm_bound(self.stem.matrix())),
-                "blocks": float(torch.prod(r * r * m))}
+                "blocks": math.prod(b.lipschitz_bound() for b in self.blocks)}
 
+
+def _trunk_params(depth: int, width: int) -> str:
+    """2 width^2 depth trunk parameters (docs/CORE.md, Model), in millions."""
+    n = 2 * width ** 2 * depth
+    return f"trunk params {n / 1e6:,.{0 if n >= 1e7 else 2}f}M"
+
+
+_SIZES = {  # name: (depth, width, note)
+    "lipnext_l4w64": (4, 64, "tiny, for tests"),
+    "lipnext_l8w128": (8, 128, "small, for the CPU"),
+    "lipnext_l12w256": (12, 256, "small, for the CPU"),
+    "lipnext_l16w512": (16, 512, "medium"),
+    "lipnext_l32w1024": (32, 1024, "paper, CIFAR-10"),
+    "lipnext_l32w2048": (32, 2048, "paper, CIFAR-10/100, Tiny-ImageNet"),
+    "lipnext_l32w4096": (32, 4096, "paper, ImageNet 1B"),
+    "lipnext_2b": (32, 5792, "paper, ImageNet 2B"),
+}
+register_sizes("lipnext", "LipNeXt", {name: (d, w, f"{_trunk_params(d, w)}; {note}")
+                                      for name, (d, w, note) in _SIZES.items()})

@@ -24,20 +24,17 @@ MinMax, pooling and the translations (mean, biases) are 1-Lipschitz.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..nn import L2Pool, NormalizedLinear
-from ..nn.cholesky import CholeskyLinear
-from ..nn.conv_bounds import circular_conv2d, power_iteration_residual_conv, \
-    residual_conv_norm_bound
-from ..nn.minmax import MinMax
-from .base import resolve_geometry, resolve_mean
-from .conv_trunk import ConvTrunkModel
+from ..bounds import residual_conv_norm_bound
+from ..nn import CholeskyLinear, MinMax, circular_conv2d, power_iteration_residual_conv
+from .conv_trunk import ConvTrunkConfig, ConvTrunkModel
+from .registry import register_arch, register_sizes
 
-__all__ = ["LiResNet", "LiResBlock"]
+__all__ = ["LiResNet", "LiResNetConfig", "LiResBlock"]
 
 
 class LiResBlock(nn.Module):
@@ -84,54 +81,42 @@ class LiResBlock(nn.Module):
         return f"width={self.width}, grid={self.grid}, kernel_size={self.kernel_size}"
 
 
+@dataclass(kw_only=True)
+class LiResNetConfig(ConvTrunkConfig):
+    """The conv trunk's options with an odd ``kernel_size`` and ``power_iters`` >= 1 power-iteration
+    steps per training forward."""
+
+    power_iters: int = 10
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.kernel_size % 2 == 0 or self.power_iters < 1:
+            raise ValueError(f"need an odd kernel_size and power_iters >= 1, got {self.kernel_size}, "
+                             f"{self.power_iters}")
+
+
+@register_arch
 class LiResNet(ConvTrunkModel):
     """LiResNet-style classifier on raw pixels in [0, 1] of shape (B, in_chans, H, W)."""
 
     arch = "liresnet"
+    config_class = LiResNetConfig
 
-    def __init__(self, depth: int = 12, width: int = 128, num_classes: int = 10, in_chans: int = 3,
-                 image_size: int | Sequence[int] = 32, patch_size: int | None = None,
-                 kernel_size: int = 3, dense_depth: int = 2, power_iters: int = 10,
-                 mean: Sequence[float] | None = None, seed: int | None = None):
-        super().__init__()
-        hw, patch_size = resolve_geometry(image_size, patch_size)
-        if depth < 0 or dense_depth < 0 or width < 2 or width % 2 or num_classes < 2:
-            raise ValueError(f"need depth >= 0, dense_depth >= 0, an even width >= 2 and "
-                             f"num_classes >= 2; got {depth}, {dense_depth}, {width}, {num_classes}")
-        if kernel_size % 2 == 0 or power_iters < 1:
-            raise ValueError(f"need an odd kernel_size and power_iters >= 1, got {kernel_size}, "
-                             f"{power_iters}")
-        mean = resolve_mean(mean, in_chans)
-        self._config = dict(depth=depth, width=width, num_classes=num_classes, in_chans=in_chans,
-                            image_size=list(hw), patch_size=patch_size, kernel_size=kernel_size,
-                            dense_depth=dense_depth, power_iters=power_iters, mean=mean, seed=seed)
-        self.depth, self.width, self.num_classes, self.in_chans = depth, width, num_classes, in_chans
-        self.image_size, self.patch_size = hw, patch_size
-        grid = (hw[0] // patch_size, hw[1] // patch_size)
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
-        with torch.random.fork_rng(enabled=seed is not None):
-            if seed is not None:
-                torch.manual_seed(seed)
-            self.stem = CholeskyLinear(in_chans * patch_size ** 2, width)
-            self.blocks = nn.ModuleList(LiResBlock(width, grid, kernel_size, power_iters)
-                                        for _ in range(depth))
-            self.pool = L2Pool()
-            self.dense = nn.ModuleList(CholeskyLinear(width, width) for _ in range(dense_depth))
-            self.act = MinMax(dim=-1)
-            self.head = NormalizedLinear(width, num_classes)
-        self.validate_inputs = True
+    dense_layer = CholeskyLinear
 
-    @torch.no_grad()
-    def lipschitz_factors(self) -> dict[str, float]:
-        """Sound bounds of the stem, the product over blocks and the product over dense layers."""
-        blocks = dense = 1.0
-        for b in self.blocks:
-            blocks *= b.lipschitz_bound()
-        for layer in self.dense:
-            dense *= layer.norm_bound()
-        return {"stem": self.stem.norm_bound(), "blocks": blocks, "dense": dense}
+    def make_block(self, c: LiResNetConfig) -> nn.Module:
+        return LiResBlock(c.width, c.grid, c.kernel_size, c.power_iters)
 
     def power_iteration_factors(self) -> list[float]:
         """The stored power-iteration estimates s of ||I + conv_W|| (lower estimates)."""
         return [float(b.sigma) for b in self.blocks]
 
+
+# configurations paired with LipNeXt at equal parameter counts: l7w64 ~ lipnext_l8w128,
+# l11w128 ~ lipnext_l12w256
+register_sizes("liresnet", "LiResNet-style", {
+    "liresnet_l7w64": (7, 64, "0.27M params, pairs with lipnext_l8w128 (0.28M)"),
+    "liresnet_l11w128": (11, 128, "1.66M params, pairs with lipnext_l12w256 (1.64M)"),
+    "liresnet_l12w128": (12, 128, "1.81M params"),
+    "liresnet_l12w512": (12, 512, "28.9M params, LiResNet-paper-scale width"),
+})

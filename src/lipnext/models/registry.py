@@ -1,7 +1,9 @@
 """A registry of architectures and of named configurations (timm-style).
 
-``register_arch`` records a model class under its ``arch`` name so that a saved
-config rebuilds it; ``register_model`` records a named configuration.
+``register_arch`` (a class decorator) records a model class under its ``arch`` name so that
+a saved config rebuilds it; ``register_model`` records a named configuration. Each model's
+own file registers both; a model defined outside lipnext registers the same way when its
+module is imported (``lipnext --import MODULE`` for the command line).
 """
 from __future__ import annotations
 
@@ -10,8 +12,8 @@ from typing import Any
 
 from .base import CertifiableModel
 
-__all__ = ["register_arch", "register_model", "create_model", "list_models", "model_entry",
-           "build_from_config"]
+__all__ = ["register_arch", "register_model", "register_sizes", "create_model", "list_models",
+           "model_entry", "build_from_config"]
 
 _ARCHS: dict[str, type[CertifiableModel]] = {}
 _MODELS: dict[str, tuple[str, dict[str, Any], str]] = {}
@@ -19,6 +21,8 @@ _MODELS: dict[str, tuple[str, dict[str, Any], str]] = {}
 
 def register_arch(cls: type[CertifiableModel]) -> type[CertifiableModel]:
     """Class decorator: make ``cls`` loadable from a saved config by its ``arch`` name."""
+    if not cls.arch:
+        raise ValueError(f"{cls.__name__} has no arch name: set the class attribute arch = '...'")
     _ARCHS[cls.arch] = cls
     return cls
 
@@ -28,6 +32,13 @@ def register_model(name: str, arch: str, description: str = "", **defaults: Any)
     if name in _MODELS:
         raise ValueError(f"model name {name!r} is already registered")
     _MODELS[name] = (arch, defaults, description)
+
+
+def register_sizes(arch: str, label: str, sizes: dict[str, tuple[int, int, str]]) -> None:
+    """Register named (depth, width) configurations of ``arch``: {name: (depth, width, note)},
+    each described as "<label> L<depth> W<width>, <note>"."""
+    for name, (depth, width, note) in sizes.items():
+        register_model(name, arch, f"{label} L{depth} W{width}, {note}", depth=depth, width=width)
 
 
 def list_models(pattern: str = "") -> list[str]:
@@ -41,14 +52,16 @@ def model_entry(name: str) -> tuple[str, dict[str, Any], str]:
         close = difflib.get_close_matches(name, _MODELS, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise KeyError(f"unknown model {name!r}.{hint} Available: {', '.join(list_models())} "
-                       "(`lipnext models` lists them)")
+                       "(`lipnext models` lists them; a model of your own registers when its module "
+                       "is imported: `lipnext --import MODULE ...`)")
     return _MODELS[name]
 
 
 def build_from_config(arch: str, config: dict[str, Any]) -> CertifiableModel:
     """Instantiate architecture ``arch`` with constructor kwargs ``config``."""
     if arch not in _ARCHS:
-        raise KeyError(f"unknown architecture {arch!r}; known: {', '.join(sorted(_ARCHS))}")
+        raise KeyError(f"unknown architecture {arch!r}; known: {', '.join(sorted(_ARCHS))} (a model "
+                       "of your own registers when its module is imported: `lipnext --import MODULE ...`)")
     return _ARCHS[arch](**config)
 
 

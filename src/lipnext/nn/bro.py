@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .conv_bounds import operator_norm_bound
+from ..bounds import operator_norm_bound
 from .orthogonal import random_orthogonal
 
 __all__ = ["block_reflector", "BROLinear", "BROConv2d"]
@@ -61,7 +61,8 @@ class BROLinear(nn.Module):
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     @torch.no_grad()
-    def norm_bound(self) -> float:
+    def lipschitz_bound(self) -> float:
+        """Sound bound on ||W||_2 for W as computed (float64 SVD + slack)."""
         return operator_norm_bound(self.matrix())
 
     def extra_repr(self) -> str:
@@ -98,7 +99,7 @@ class BROConv2d(nn.Module):
         return torch.fft.irfft2(yf, s=self.grid, norm="ortho").to(dtype)
 
     @torch.no_grad()
-    def norm_bound(self) -> float:
+    def lipschitz_bound(self) -> float:
         """Sound bound on the operator norm: max over frequencies of ||W(f)||_2."""
         return operator_norm_bound(self.spectrum())
 

@@ -47,7 +47,7 @@ class CholeskyLinear(nn.Module):
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     @torch.no_grad()
-    def norm_bound(self) -> float:
+    def lipschitz_bound(self) -> float:
         """Sound bound on ||W||_2 for W as computed."""
         return float(spectral_norm_bound(self.matrix()))
 
