@@ -56,10 +56,10 @@ class Twin(nn.Module):
         super().__init__()
         p, grid = ref.patch_size, (ref.image_size[0] // ref.patch_size, ref.image_size[1] // ref.patch_size)
         self.p = p
-        self.stem = nn.Linear(ref.in_chans * p * p, ref.width, bias=False)
-        self.blocks = nn.ModuleList(TwinBlock(ref.width, grid) for _ in range(ref.depth))
+        self.stem = nn.Linear(ref.in_chans * p * p, ref.cfg.width, bias=False)
+        self.blocks = nn.ModuleList(TwinBlock(ref.cfg.width, grid) for _ in range(ref.cfg.depth))
         self.pool = L2Pool()
-        self.head = nn.Linear(ref.width, ref.num_classes)
+        self.head = nn.Linear(ref.cfg.width, ref.num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -128,7 +128,7 @@ def measure(model_name: str, depth: int | None, batch: int, image_size: int, cad
     bound, optim = (1e3 * statistics.median(parts[k][1:]) for k in ("bound", "optimizer"))
     steps = {n: ms["lipnext"] - (1 - 1 / n) * bound for n in cadences}
     ratios = [a / b for a, b in zip(times["lipnext"], times["twin"])]
-    return {"model": model_name, "depth": model.depth, "width": model.width, "batch": batch,
+    return {"model": model_name, "depth": model.cfg.depth, "width": model.cfg.width, "batch": batch,
             "tokens_per_call": batch * (image_size // model.patch_size) ** 2,
             "lipnext_step_ms": steps, "bound_ms": bound, "optimizer_ms": optim,
             "twin_step_ms": ms["twin"], "ratio": {n: t / ms["twin"] for n, t in steps.items()},
