@@ -36,7 +36,7 @@ from ..optim import assign_owners
 
 __all__ = ["DistInfo", "setup", "teardown", "wrap_model", "barrier", "resolve_device", "shard_model",
            "is_sharded", "unsharded", "full_state_dict", "load_full_state_dict", "build_model",
-           "clip_gradients", "lipschitz_bound"]
+           "clip_gradients", "lipschitz_bound", "broadcast_float"]
 
 
 @dataclass
@@ -217,6 +217,11 @@ def lipschitz_bound(model: CertifiableModel, info: DistInfo, device: torch.devic
     the weights are gathered for it)."""
     with unsharded(model):
         value = float(model.lipschitz_bound()) if info.is_main else 0.0
+    return broadcast_float(value, info, device)
+
+
+def broadcast_float(value: float, info: DistInfo, device: torch.device) -> float:
+    """Rank 0's ``value`` on every rank (collective; float64)."""
     if not dist.is_initialized():
         return value
     t = torch.tensor([value], dtype=torch.float64, device=device)
