@@ -72,15 +72,10 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 class BatchSource(Protocol):
-    """What training and certification read from a dataset, in memory or streamed from disk."""
+    """What training and certification read from a dataset, in memory or streamed from disk
+    (``streaming``); also ``num_classes``, ``in_chans``, ``image_size``, ``mean``, ``len()``."""
 
-    num_classes: int
-    in_chans: int
-    image_size: tuple[int, int]
-    mean: tuple[float, ...]
-    streaming: bool           # decoded from disk on access (else held in memory)
-
-    def __len__(self) -> int: ...
+    streaming: bool
 
     def batches(self, indices: Iterable[torch.Tensor], device: torch.device) -> Iterator[Batch]:
         """(x, y) of the examples of each index tensor, in order, on ``device``."""

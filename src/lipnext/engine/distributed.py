@@ -100,9 +100,13 @@ def build_model(name: str, info: DistInfo, device: torch.device, seed: int,
     """``create_model(name, seed=seed, **kwargs)`` on ``device``, its orthogonal matrices built on
     the meta device and initialised on ``device`` (``init_orthogonal_``, deterministic for the
     seed); under ``ddp`` each rank initialises only the matrices it owns (``DDPManifoldAdam``
-    broadcasts them). A model with other random orthogonal factors is built on the CPU."""
-    with deferred_orthogonal():
-        model = create_model(name, seed=seed, **kwargs)
+    broadcasts them). A model with other random orthogonal factors, or whose constructor
+    computes with one (BRO's initial taps), is built on the CPU."""
+    try:
+        with deferred_orthogonal():
+            model = create_model(name, seed=seed, **kwargs)
+    except NotImplementedError:          # "Cannot copy out of meta tensor": computed with one
+        return create_model(name, seed=seed, **kwargs).to(device)
     if any(t.is_meta for t in [*model.buffers(), *model.parameters()] if not is_orthogonal(t)):
         return create_model(name, seed=seed, **kwargs).to(device)
     sizes = [p.shape[0] for p in model.parameters() if is_orthogonal(p)]

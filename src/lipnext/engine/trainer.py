@@ -160,6 +160,7 @@ class Trainer:
         self.lipschitz: float | None = None
         self.stopped_early: int | None = None
         self._resumed_from: Path | None = None
+        self.loop_cpu_s = 0.0                 # CPU seconds (all threads) of this process's loop
 
     def _resume(self) -> int | None:
         """Load the last checkpoint of run_dir under resume=true; refuse to overwrite one otherwise."""
@@ -207,9 +208,8 @@ class Trainer:
                  f"epochs = {self.total_steps}, warm-up {self.warmup_steps}",
                  f"  run folder: {self.run_dir}"]
         if cfg.train.budget_s is not None:
-            lines.insert(3, f"  budget: {cfg.train.budget_s:g} s of wall clock, the schedules run on its "
-                            f"share used (warm-up {self.warmup_steps / self.total_steps:.1%}); "
-                            f"at most the {self.total_steps} steps")
+            lines.insert(3, f"  budget: {cfg.train.budget_s:g} s; the schedules run on its share used "
+                            f"(warm-up {self.warmup_steps / self.total_steps:.1%}), at most these steps")
         if self.step:
             lines.append(f"  resumed from step {self.step} of {self.total_steps} "
                          f"(epoch {self.step / spe:g}; {self._resumed_from})")
@@ -279,8 +279,7 @@ class Trainer:
                                      step_generator(self.cfg.train.seed, step, 3))
         params = {k: v[self.plan.local_rows()] for k, v in params.items()}
         x, y = self._real_images(step)
-        gen = self._local_indices(step)[1]
-        if len(gen):
+        if self.gen_ds is not None and len(gen := self._local_indices(step)[1]):
             xg, yg = next(self.gen_ds.batches([gen], self.device))
             x, y = torch.cat([x, xg]), torch.cat([y, yg])
         return self.augment.apply(x, params, self.train_ds.mean), y
@@ -393,12 +392,13 @@ class Trainer:
         it instead (a signal's name, or train.stop_at_step), else None."""
         self._t0 = time.perf_counter() - self.elapsed
         self._window_t, self._window_n = time.perf_counter(), 0    # images per second since the last log
-        interrupt = None
+        cpu0, interrupt = time.process_time(), None
         while self.step < self.total_steps:
             interrupt = self._interrupt_requested(stop)
             if interrupt is not None or self._out_of_time():
                 break
             self._advance()
+        self.loop_cpu_s = time.process_time() - cpu0
         return interrupt
 
     def _interrupt_requested(self, stop: StopOnSignal) -> str | None:
@@ -516,6 +516,7 @@ class Trainer:
             split = self._final_split()
             results = {"split": split, "dataset": cfg.data.name, "model": cfg.model.name,
                        "epochs": cfg.train.epochs, "steps": self.step, "train_time_s": round(self.elapsed, 1),
+                       "loop_cpu_s": round(self.loop_cpu_s, 1),
                        "stopped_early_at_step": self.stopped_early, "total_steps": self.total_steps,
                        "world_size": self.info.world_size, "device": str(self.device),
                        "precision": "bf16" if self.bf16 else "fp32", "run_dir": str(self.run_dir)}
