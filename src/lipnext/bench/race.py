@@ -15,7 +15,6 @@ how much of the machine a model actually got when the machine is shared.
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -65,28 +64,31 @@ def race_config(name: str, cfg: RaceConfig, run_dir: str | Path) -> Config:
         "certify": {"radii": [e * 255 for e in cfg.eps_list], "radius_unit": 255.0, "split": "test"}})
 
 
-def race_one(name: str, cfg: RaceConfig, out_dir: Path | None = None,
+def race_one(name: str, cfg: RaceConfig, out_dir: str | Path,
              log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train model ``name`` for cfg.budget_s seconds of wall clock, then certify it (its run
-    folder: ``out_dir/name``, or a temporary folder)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        run_dir = Path(out_dir) / name if out_dir is not None else Path(tmp) / name
-        log(f"{name}: training for {cfg.budget_s:g} s in {run_dir}")
-        res = train(race_config(name, cfg, run_dir))
-        model = load_model(run_dir)
+    folder: ``out_dir/name``)."""
+    run_dir = Path(out_dir) / name
+    log(f"{name}: training for {cfg.budget_s:g} s in {run_dir}")
+    res = train(race_config(name, cfg, run_dir))
+    model = load_model(run_dir)
     steps_per_epoch = res["total_steps"] // res["epochs"]
     result = {"model": name, "arch": model.arch, "params": sum(p.numel() for p in model.parameters()),
               "steps": res["steps"], "epochs": round(res["steps"] / steps_per_epoch, 2),
               "train_s": res["train_time_s"], "cpu_s": res["loop_cpu_s"],
               "step_s": round(res["train_time_s"] / max(res["steps"], 1), 3), "clean": res["clean_accuracy"],
-              "cra": res["cra"], "lipschitz": res["lipschitz_bound"], "rule": res["rule"], "n_test": res["n"]}
+              "cra": dict(zip(_labels(cfg), res["cra"].values())), "lipschitz": res["lipschitz_bound"], "rule": res["rule"], "n_test": res["n"]}
     log(f"{name}: done {json.dumps(result)}")
     return result
 
 
+def _labels(cfg: RaceConfig) -> list[str]:
+    return [f"{e * 255:.0f}/255" for e in cfg.eps_list]
+
+
 def race_table(results: list[dict[str, Any]], cfg: RaceConfig) -> str:
     """Markdown table of clean accuracy and CRA (%), steps and bound, per model."""
-    eps_cols = [f"{e * 255:.0f}/255" for e in cfg.eps_list]
+    eps_cols = _labels(cfg)
     head = ("| model | params | steps | epochs | s/step | CPU s | clean | "
             + " | ".join(f"CRA {c}" for c in eps_cols) + " | L (bound) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]

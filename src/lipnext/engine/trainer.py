@@ -182,8 +182,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write(self.run_dir / "config.yaml", lambda p: Path(p).write_text(to_yaml(self.cfg)))
             print(self._banner(), flush=True)
-        t = self.cfg.train
-        self.log = MetricsLog(self.run_dir, self.info.is_main, t.tensorboard, resume_step)
+        self.log = MetricsLog(self.run_dir, self.info.is_main, self.cfg.train.tensorboard, resume_step)
 
     def _dataset(self, split: str):
         """The ``split`` of the run's data (loaded once; ValueError if the data has none)."""
