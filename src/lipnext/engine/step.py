@@ -1,10 +1,8 @@
-"""One optimisation step, the only one in lipnext: the trainer takes it at every step, and
-the budget race (``lipnext bench --race``) is the trainer under a wall-clock budget.
+"""One optimisation step, the only one in lipnext (the budget race runs the trainer):
 
-    L    = lipschitz_bound(model)        when due (rank 0, broadcast), else the L given
-    loss = loss_fn(forward(x), y, W_head, L, eps, temperature)   (bf16 autocast if asked)
-    backward; clip the global gradient norm; loss and norm finite on every rank, else no update
-    optimizer.step() at learning rate lr
+    L = lipschitz_bound(model) when due (rank 0, broadcast); loss = loss_fn(forward(x), y,
+    W_head, L, eps, T) (bf16 autocast if asked); backward; clip the global gradient norm;
+    loss and norm finite on every rank, else no update; optimizer.step() at lr.
 """
 from __future__ import annotations
 
