@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import Batch, split_indices
+from .base import Batch, split_indices, unit_pixels
 from .images import IMAGE_SUFFIXES, decode_image
 
 __all__ = ["ImageFolderStream", "IMAGENET_MEAN"]
@@ -76,11 +76,11 @@ class ImageFolderStream(torch.utils.data.Dataset):
                                              num_workers=self.num_workers,
                                              pin_memory=device.type == "cuda")
         for x, y in loader:
-            yield x.to(device, non_blocking=True).float() / 255.0, y.to(device, non_blocking=True)
+            yield unit_pixels(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
 
     def probe(self, n: int) -> Batch:
         items = [self[i] for i in range(min(n, len(self)))]
-        return torch.stack([x for x, _ in items]).float() / 255.0, torch.stack([y for _, y in items])
+        return unit_pixels(torch.stack([x for x, _ in items])), torch.stack([y for _, y in items])
 
     def __repr__(self) -> str:
         return f"ImageFolderStream({self.name!r}, split={self.split!r}, n={len(self)}, classes={self.num_classes})"
