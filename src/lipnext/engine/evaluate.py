@@ -4,12 +4,13 @@ from __future__ import annotations
 import torch
 
 from ..certify import Certificate, certify
+from ..data import BatchSource
 from ..rounding import float64_twin
 
 __all__ = ["certify_dataset"]
 
 
-def certify_dataset(model, ds, rule: str = "pairwise", batch_size: int = 512,
+def certify_dataset(model, ds: BatchSource, rule: str = "pairwise", batch_size: int = 512,
                     limit: int | None = None) -> Certificate:
     """Certificates of the first ``limit`` (or all) images of ``ds``; L (measured on the first
     batch) and the float64 twin are built once for all batches."""

@@ -29,7 +29,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from ..config import Config, dataset_options, load_config, to_yaml, warmup_epochs
-from ..data import Augment, get_dataset, parse_spec
+from ..data import Augment, BatchSource, get_dataset, parse_spec
 from ..io import atomic_write, save_model
 from ..losses import LOSSES, eps_schedule
 from ..models.base import CertifiableModel, check_images
@@ -184,7 +184,7 @@ class Trainer:
             print(self._banner(), flush=True)
         self.log = MetricsLog(self.run_dir, self.info.is_main, self.cfg.train.tensorboard, resume_step)
 
-    def _dataset(self, split: str):
+    def _dataset(self, split: str) -> BatchSource:
         """The ``split`` of the run's data (loaded once; ValueError if the data has none)."""
         if self._datasets.get(split) is None:
             self._datasets[split] = get_dataset(self.cfg.data.name, split, **dataset_options(self.cfg))
