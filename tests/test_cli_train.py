@@ -162,6 +162,7 @@ def test_small_user_errors(tmp_path, capsys):
         assert msg in err and "Traceback" not in err
     for override, msg in [("optim.lr=-1", "optim.lr must be > 0"),
                           ("train.time_limit_min=-1", "time_limit_min must be > 0"),
+                          ("train.budget_s=-1", "train.budget_s must be > 0 seconds"),
                           ("optim.warmup_epochs=20", "more than half of train.epochs=10")]:
         assert main(["train", override]) == 2
         assert msg in capsys.readouterr().err

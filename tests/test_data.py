@@ -220,6 +220,35 @@ def test_imagenet_folders_stream(tmp_path):
         get_dataset(f"imagenet:{tmp_path / 'x'}")
 
 
+def test_in_memory_and_streamed_datasets_are_the_same_batch_source(tmp_path):
+    """batches(indices, device) and probe(n): float32 in [0, 1] and int64 labels, from memory
+    or decoded by DataLoader workers; the same images give the same batches."""
+    pytest.importorskip("PIL")
+    for k, w in enumerate(["n1", "n2"]):
+        for i in range(3):
+            _jpeg(tmp_path / "train" / w / f"{i}.png", (90 * k + 30 * i, 40, 200 - 50 * k), (16, 16))
+    streamed = get_dataset(f"imagenet:{tmp_path}", "train", val_fraction=0.0, image_size=16, num_workers=1)
+    assert streamed.num_workers == 1
+    items = [streamed[i] for i in range(len(streamed))]
+    from lipnext.data import ArrayDataset
+    memory = ArrayDataset(torch.stack([x for x, _ in items]), torch.stack([y for _, y in items]), 2, (0.5,) * 3)
+    index = [torch.tensor([4, 0, 2]), torch.tensor([5]), torch.tensor([1, 3])]
+    a, b = list(memory.batches(index, torch.device("cpu"))), list(streamed.batches(iter(index), "cpu"))
+    assert len(a) == len(b) == 3
+    x_all, y_all = memory.tensors()
+    for idx, (xa, ya), (xb, yb) in zip(index, a, b):
+        assert xa.dtype == xb.dtype == torch.float32 and ya.dtype == yb.dtype == torch.int64
+        assert torch.equal(xa, x_all[idx]) and torch.equal(ya, y_all[idx])
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    for ds in (memory, streamed):
+        x, y = ds.probe(4)
+        assert torch.equal(x, x_all[:4]) and torch.equal(y, y_all[:4])
+        assert ds.probe(100)[0].shape[0] == 6
+    assert (memory.streaming, streamed.streaming) == (False, True)
+    with pytest.raises(TypeError, match="unknown option"):
+        get_dataset("digits", "train", num_workers=2)
+
+
 # ---------------------------------------------------------------- augmentation
 def test_augment_crop_flip_cutout():
     x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).view(2, 1, 4, 4)

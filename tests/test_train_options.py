@@ -69,3 +69,25 @@ def test_tensorboard_events_are_written(tmp_path):
     pytest.importorskip("tensorboard")
     run(tmp_path, "tb", "train.tensorboard=true")
     assert any((tmp_path / "tb" / "tensorboard").iterdir())
+
+
+def test_a_wall_clock_budget_ends_training_and_paces_the_schedules(tmp_path, capsys):
+    """train.budget_s: training ends once the budget is spent (long before train.epochs) and
+    the eps ramp and the lr warm-up + cosine run on the share of the budget used."""
+    from lipnext.losses import eps_schedule
+    res = run(tmp_path, "budget", "train.budget_s=2", "train.epochs=1000", "optim.warmup_epochs=250",
+              "train.checkpoint=false")
+    assert "train.budget_s=2 spent at step" in capsys.readouterr().out
+    assert 0 < res["steps"] < res["total_steps"] and res["train_time_s"] >= 2
+    recs = [r for r in read_metrics(tmp_path / "budget" / "metrics.jsonl") if r["kind"] == "train"]
+    assert len(recs) == res["steps"] > 5
+    before = 0.0                              # each step's eps is read from the clock between two records
+    for r in recs:
+        assert eps_schedule(min(before / 2, 1), 36 / 255) <= r["eps"] <= eps_schedule(min(r["time_s"] / 2, 1), 36 / 255)
+        before = r["time_s"]
+    lr = [r["lr"] for r in recs]
+    peak = lr.index(max(lr))
+    assert 0 < peak < len(lr) - 1 and lr[:peak + 1] == sorted(lr[:peak + 1])
+    assert lr[peak:] == sorted(lr[peak:], reverse=True) and lr[-1] < 0.5 * lr[peak]
+    with pytest.raises(ValueError, match="budget_s must be > 0"):
+        load_config(None, ["train.budget_s=0"])

@@ -100,6 +100,7 @@ class TrainConfig:
     max_rollbacks: int = 3
     stop_at_step: Optional[int] = None   # stop after this global step, as if interrupted
     time_limit_min: Optional[float] = None  # safety net: end training early (then certify) after this
+    budget_s: Optional[float] = None     # train for this many seconds: the schedules run on its share used
 
 
 @dataclass
@@ -167,6 +168,9 @@ def _check(cfg: Config) -> Config:
     if cfg.train.time_limit_min is not None and not cfg.train.time_limit_min > 0:
         raise ValueError(f"train.time_limit_min must be > 0 minutes (or null: no limit), "
                          f"got {cfg.train.time_limit_min:g}")
+    if cfg.train.budget_s is not None and not cfg.train.budget_s > 0:
+        raise ValueError(f"train.budget_s must be > 0 seconds (or null: train for train.epochs), "
+                         f"got {cfg.train.budget_s:g}")
     w, epochs = cfg.optim.warmup_epochs, cfg.train.epochs
     if w is not None and not 0 <= w <= epochs / 2:
         raise ValueError(f"optim.warmup_epochs={w:g} is {'negative' if w < 0 else 'more than half of'} "
@@ -254,6 +258,9 @@ def dataset_options(cfg: Config) -> dict[str, Any]:
     d = cfg.data
     opts = {"holdout": d.holdout, "val_fraction": d.val_fraction, "num_classes": d.num_classes,
             "image_size": d.image_size}
+    from .data import parse_spec
+    if parse_spec(d.name)[0] == "imagenet":          # streamed: decoded by DataLoader workers
+        opts["num_workers"] = d.num_workers
     return {k: v for k, v in opts.items() if v is not None}
 
 

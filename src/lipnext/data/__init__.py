@@ -10,14 +10,14 @@ from __future__ import annotations
 import numbers
 
 from .augment import Augment
-from .base import SPLITS, ArrayDataset, check_split, split_indices
+from .base import SPLITS, ArrayDataset, BatchSource, check_split, split_indices
 from .cifar import load_cifar
 from .digits import load_digits, digits_dataset
 from .imagenet import ImageFolderStream
 from .npz import load_npz
 from .tiny_imagenet import load_tiny_imagenet
 
-__all__ = ["get_dataset", "parse_spec", "ArrayDataset", "ImageFolderStream", "Augment", "SPLITS",
+__all__ = ["get_dataset", "parse_spec", "ArrayDataset", "BatchSource", "ImageFolderStream", "Augment", "SPLITS",
            "load_digits", "split_indices", "DATASETS"]
 
 DATASETS = ("digits", "npz", "cifar10", "cifar100", "tiny-imagenet", "imagenet")
@@ -46,7 +46,7 @@ def get_dataset(spec: str, split: str = "train", holdout: int | None = None,
     Options: ``holdout`` (digits, npz: the last N images are the test split; digits
     defaults to 360, npz to 0 = no test split), ``val_fraction`` (share of the training
     part used as validation, default 0.1; 0.01 for ImageNet), ``num_classes`` (npz),
-    ``image_size`` (ImageNet, default 224).
+    ``image_size`` (ImageNet, default 224), ``num_workers`` (ImageNet: decoding processes, default 0).
     """
     check_split(split)
     kind, path = parse_spec(spec)
@@ -56,7 +56,7 @@ def get_dataset(spec: str, split: str = "train", holdout: int | None = None,
     if holdout is not None and kind not in ("digits", "npz"):
         raise ValueError(f"{kind} has an official test split; holdout applies to digits and npz only")
     vf = {} if val_fraction is None else {"val_fraction": val_fraction}
-    allowed = {"npz": {"num_classes"}, "imagenet": {"image_size"}}.get(kind, set())
+    allowed = {"npz": {"num_classes"}, "imagenet": {"image_size", "num_workers"}}.get(kind, set())
     unknown = set(opts) - allowed
     if unknown:
         raise TypeError(f"unknown option(s) {sorted(unknown)} for a {kind} dataset"

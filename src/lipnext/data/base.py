@@ -1,8 +1,10 @@
 """In-memory image datasets and the train / val / test split rule shared by all of them.
 
-Every dataset reports ``num_classes``, ``in_chans``, ``image_size`` (H, W), ``mean``
-(per-channel, in [0, 1] pixel units), ``classes`` (names or None) and its length.
-In-memory datasets also give ``tensors()``: x float32 (N, C, H, W) in [0, 1], y int64.
+Every dataset is a :class:`BatchSource`: it reports ``num_classes``, ``in_chans``,
+``image_size`` (H, W), ``mean`` (per-channel, in [0, 1] pixel units), ``classes`` (names or
+None) and its length, and gives its examples as x float32 (N, C, H, W) in [0, 1], y int64:
+``batches(indices, device)`` one batch per index tensor, ``probe(n)`` the first n.
+In-memory datasets also give ``tensors()`` (all of them).
 
 Split rule (decision): a dataset without an official test split holds out its last
 ``holdout`` images as ``test``; the validation split (for monitoring and model
@@ -10,13 +12,15 @@ selection, never the test split) is a fixed, seeded ``val_fraction`` of what rem
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
 
-__all__ = ["ArrayDataset", "SPLITS", "split_indices", "check_labels", "check_split"]
+__all__ = ["ArrayDataset", "BatchSource", "SPLITS", "split_indices", "check_labels", "check_split",
+           "unit_pixels"]
 
 SPLITS = ("train", "val", "test")
 VAL_SEED = 0  # the validation carve-out never depends on the training seed
@@ -64,6 +68,27 @@ def split_indices(n: int, split: str, holdout: int = 0, val_fraction: float = 0.
     return np.sort(perm[n_val:])
 
 
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class BatchSource(Protocol):
+    """What training and certification read from a dataset, in memory or streamed from disk
+    (``streaming``); also ``num_classes``, ``in_chans``, ``image_size``, ``mean``, ``len()``."""
+
+    streaming: bool
+
+    def batches(self, indices: Iterable[torch.Tensor], device: torch.device) -> Iterator[Batch]:
+        """(x, y) of the examples of each index tensor, in order, on ``device``."""
+
+    def probe(self, n: int) -> Batch:
+        """(x, y) of the first n examples (fewer if the dataset is smaller), on the CPU."""
+
+
+def unit_pixels(x: torch.Tensor) -> torch.Tensor:
+    """Images as float32 in [0, 1]: uint8 0..255 divided by 255, float images as they are."""
+    return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+
+
 @dataclass
 class ArrayDataset:
     """Images held in memory: ``x`` uint8 (N, C, H, W) in 0..255 or float32 in [0, 1]."""
@@ -75,6 +100,9 @@ class ArrayDataset:
     classes: Sequence[str] | None = None
     name: str = ""
     split: str = "train"
+
+    _on_device: dict[torch.device, Batch] = field(default_factory=dict, init=False, repr=False,
+                                                  compare=False)
 
     streaming = False
 
@@ -102,8 +130,21 @@ class ArrayDataset:
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """x float32 (N, C, H, W) in [0, 1], y int64 (N,)."""
-        x = self.x.float() / 255.0 if self.x.dtype == torch.uint8 else self.x.float()
-        return x, self.y.long()
+        return unit_pixels(self.x), self.y.long()
+
+    def batches(self, indices: Iterable[torch.Tensor], device: torch.device) -> Iterator[Batch]:
+        """``x[i]``, ``y[i]`` for each index tensor i, sliced on ``device`` from a copy of the
+        whole dataset moved there once (airbench style: no loader, no host-device traffic)."""
+        device = torch.device(device)
+        if device not in self._on_device:
+            self._on_device[device] = self.x.to(device), self.y.long().to(device)
+        x, y = self._on_device[device]
+        for idx in indices:
+            idx = idx.to(device)
+            yield unit_pixels(x[idx]), y[idx]
+
+    def probe(self, n: int) -> Batch:
+        return unit_pixels(self.x[:n]), self.y[:n].long()
 
     def subset(self, index: np.ndarray, split: str) -> "ArrayDataset":
         idx = torch.as_tensor(index, dtype=torch.long)

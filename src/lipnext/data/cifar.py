@@ -107,6 +107,4 @@ def load_cifar(folder: str | Path, num_classes: int = 10, split: str = "train",
     names = restricted_load(root / meta_file).get(names_key)
     classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names] if names else None
     ds = ArrayDataset(x, y, num_classes, mean, classes, name=f"cifar{num_classes}:{folder}", split=split)
-    if split == "test":
-        return ds
-    return ds.subset(split_indices(len(ds), split, 0, val_fraction), split)
+    return ds if split == "test" else ds.subset(split_indices(len(ds), split, 0, val_fraction), split)

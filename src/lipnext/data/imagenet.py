@@ -2,18 +2,20 @@
 streamed from disk (a torch Dataset for a DataLoader), decoded with Pillow (optional extra).
 
 Each image: shorter side resized to 8/7 of ``image_size``, centre crop ``image_size``
-(224 by default), uint8. Random crop and flip happen later on the device.
+(224 by default), uint8. ``batches`` decodes them in ``num_workers`` DataLoader processes
+(ahead of the consumer); random crop and flip happen later on the device.
 The official ``val`` folder is our ``test`` split (decision); ``val`` is a seeded
 ``val_fraction`` of the training images.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .base import split_indices
+from .base import Batch, split_indices, unit_pixels
 from .images import IMAGE_SUFFIXES, decode_image
 
 __all__ = ["ImageFolderStream", "IMAGENET_MEAN"]
@@ -28,7 +30,7 @@ class ImageFolderStream(torch.utils.data.Dataset):
     in_chans = 3
 
     def __init__(self, folder: str | Path, split: str = "train", image_size: int = 224,
-                 val_fraction: float = 0.01):
+                 val_fraction: float = 0.01, num_workers: int = 0):
         root = Path(folder)
         if not root.is_dir():
             raise FileNotFoundError(f"no ImageNet folder at {root}")
@@ -57,6 +59,7 @@ class ImageFolderStream(torch.utils.data.Dataset):
         self.files, self.labels = files, torch.tensor(labels, dtype=torch.int64)
         self.num_classes, self.image_size = len(self.classes), (image_size, image_size)
         self.mean, self.split, self.name = IMAGENET_MEAN, split, f"imagenet:{folder}"
+        self.num_workers = num_workers
 
     def __len__(self) -> int:
         return len(self.files)
@@ -64,6 +67,20 @@ class ImageFolderStream(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         img = decode_image(self.files[i], self.image_size[0])
         return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))), self.labels[i]
+
+    def batches(self, indices: Iterable[torch.Tensor], device: torch.device) -> Iterator[Batch]:
+        """One batch per index tensor, decoded by a DataLoader with ``num_workers`` processes
+        (which read the index tensors ahead), as float32 in [0, 1] on ``device``."""
+        device = torch.device(device)
+        loader = torch.utils.data.DataLoader(self, batch_sampler=(i.tolist() for i in indices),
+                                             num_workers=self.num_workers,
+                                             pin_memory=device.type == "cuda")
+        for x, y in loader:
+            yield unit_pixels(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
+
+    def probe(self, n: int) -> Batch:
+        items = [self[i] for i in range(min(n, len(self)))]
+        return unit_pixels(torch.stack([x for x, _ in items])), torch.stack([y for _, y in items])
 
     def __repr__(self) -> str:
         return f"ImageFolderStream({self.name!r}, split={self.split!r}, n={len(self)}, classes={self.num_classes})"

@@ -40,10 +40,6 @@ def load_npz(path: str | Path, split: str = "train", holdout: int = 0, val_fract
     if len(y) != x.shape[0]:
         raise ValueError(f"{path}: {x.shape[0]} images but {len(y)} labels")
     import torch
-    full = ArrayDataset(x, torch.from_numpy(y), num_classes, (0.5,) * x.shape[1], classes,
-                        name=f"npz:{path}")
-    train_part = full.subset(np.arange(len(full) - holdout), "train")
-    mean = channel_mean(train_part.x)
-    ds = full.subset(split_indices(len(full), split, holdout, val_fraction), split)
-    ds.mean = mean
-    return ds
+    full = ArrayDataset(x, torch.from_numpy(y), num_classes, channel_mean(x[:max(len(y) - holdout, 0)]),
+                        classes, name=f"npz:{path}")          # the mean of the training part
+    return full.subset(split_indices(len(full), split, holdout, val_fraction), split)

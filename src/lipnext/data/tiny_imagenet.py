@@ -71,6 +71,4 @@ def load_tiny_imagenet(folder: str | Path, split: str = "train", val_fraction: f
     x = torch.from_numpy(np.stack([decode_image(f) for f in files]).transpose(0, 3, 1, 2).copy())
     ds = ArrayDataset(x, torch.tensor(labels, dtype=torch.int64), len(wnids), TINY_IMAGENET_MEAN,
                       _class_names(root, wnids), name=f"tiny-imagenet:{folder}", split=split)
-    if split == "test":
-        return ds
-    return ds.subset(split_indices(len(ds), split, 0, val_fraction), split)
+    return ds if split == "test" else ds.subset(split_indices(len(ds), split, 0, val_fraction), split)

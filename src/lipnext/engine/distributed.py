@@ -36,7 +36,7 @@ from ..optim import assign_owners
 
 __all__ = ["DistInfo", "setup", "teardown", "wrap_model", "barrier", "resolve_device", "shard_model",
            "is_sharded", "unsharded", "full_state_dict", "load_full_state_dict", "build_model",
-           "clip_gradients", "lipschitz_bound"]
+           "clip_gradients", "lipschitz_bound", "broadcast_float"]
 
 
 @dataclass
@@ -100,9 +100,13 @@ def build_model(name: str, info: DistInfo, device: torch.device, seed: int,
     """``create_model(name, seed=seed, **kwargs)`` on ``device``, its orthogonal matrices built on
     the meta device and initialised on ``device`` (``init_orthogonal_``, deterministic for the
     seed); under ``ddp`` each rank initialises only the matrices it owns (``DDPManifoldAdam``
-    broadcasts them). A model with other random orthogonal factors is built on the CPU."""
-    with deferred_orthogonal():
-        model = create_model(name, seed=seed, **kwargs)
+    broadcasts them). A model with other random orthogonal factors, or whose constructor
+    computes with one (BRO's initial taps), is built on the CPU."""
+    try:
+        with deferred_orthogonal():
+            model = create_model(name, seed=seed, **kwargs)
+    except NotImplementedError:          # "Cannot copy out of meta tensor": computed with one
+        return create_model(name, seed=seed, **kwargs).to(device)
     if any(t.is_meta for t in [*model.buffers(), *model.parameters()] if not is_orthogonal(t)):
         return create_model(name, seed=seed, **kwargs).to(device)
     sizes = [p.shape[0] for p in model.parameters() if is_orthogonal(p)]
@@ -217,6 +221,11 @@ def lipschitz_bound(model: CertifiableModel, info: DistInfo, device: torch.devic
     the weights are gathered for it)."""
     with unsharded(model):
         value = float(model.lipschitz_bound()) if info.is_main else 0.0
+    return broadcast_float(value, info, device)
+
+
+def broadcast_float(value: float, info: DistInfo, device: torch.device) -> float:
+    """Rank 0's ``value`` on every rank (collective; float64)."""
     if not dist.is_initialized():
         return value
     t = torch.tensor([value], dtype=torch.float64, device=device)

@@ -1,27 +1,24 @@
-"""Certify a whole dataset split: in memory (``tensors()``) or streamed through a DataLoader."""
+"""Certify a whole dataset split, batch by batch from its ``batches`` (in memory or streamed)."""
 from __future__ import annotations
 
 import torch
 
-from ..certify import Certificate, certify, standard_numerics
+from ..certify import Certificate, certify
+from ..data import BatchSource
 from ..rounding import float64_twin
 
 __all__ = ["certify_dataset"]
 
 
-def certify_dataset(model, ds, rule: str = "pairwise", batch_size: int = 512, limit: int | None = None,
-                    num_workers: int = 0) -> Certificate:
-    """Certificates of the first ``limit`` (or all) images of ``ds``; L and the float64 twin built once."""
-    if not getattr(ds, "streaming", False):
-        x, y = ds.tensors()
-        if limit:
-            x, y = x[:limit], y[:limit]
-        return certify(model, x, y, rule=rule, batch_size=batch_size)
+def certify_dataset(model, ds: BatchSource, rule: str = "pairwise", batch_size: int = 512,
+                    limit: int | None = None) -> Certificate:
+    """Certificates of the first ``limit`` (or all) images of ``ds``; L (measured on the first
+    batch) and the float64 twin are built once for all batches."""
     n = min(len(ds), limit) if limit else len(ds)
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(n)), batch_size=batch_size,
-                                         num_workers=num_workers)
-    with standard_numerics(model):
-        lip = model.lipschitz_bound()
-    twin = float64_twin(model)   # built once for all batches, freed on return
-    return Certificate.cat([certify(model, xb.float() / 255.0, yb, rule=rule, batch_size=batch_size,
-                                    lipschitz=lip, twin=twin) for xb, yb in loader])
+    chunks = list(torch.arange(n).split(batch_size)) or [torch.arange(0)]
+    twin = float64_twin(model)   # freed on return
+    certs: list[Certificate] = []
+    for x, y in ds.batches(chunks, torch.device("cpu")):
+        certs.append(certify(model, x, y, rule=rule, batch_size=batch_size, twin=twin,
+                             lipschitz=certs[0].lipschitz if certs else None))
+    return Certificate.cat(certs)

@@ -1,11 +1,11 @@
 """The training engine, readable top to bottom (nanoGPT style).
 
-    for step in range(start, T):
+    build: data (batch sources) -> model -> optimizer + step -> batch plan -> resume -> log
+    for step in range(start, T):                          (or until train.budget_s is spent)
         lr   = lr * warmup_cosine(step) * lr_scale        (lr_scale halves on each NaN rollback)
-        eps  = eps_schedule(step / T) * eps_target
-        L    = model.lipschitz_bound()                    (measured, no gradient, every N steps)
-        loss = EMMA(model(augment(x)), y, W_head, L, eps)  (bf16 autocast on CUDA)
-        backward, clip the global grad norm, check it is finite on every rank, ManifoldAdam step
+        eps  = eps_schedule(step / T) * eps_target        (under a budget: its share used)
+        x, y = augment(train_ds.batches(plan(step)))      (in memory or streamed, same call)
+        TrainStep: L every N steps, EMMA loss, backward, clip, finite check, ManifoldAdam step
         at each epoch end: polar retraction; certify the val split every eval_every epochs
         checkpoint (atomic) every checkpoint_every epochs / checkpoint_every_steps steps
     polar retraction; save model.safetensors; certify the test split; table, results.json, plot
@@ -21,7 +21,7 @@ import functools
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -29,7 +29,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from ..config import Config, dataset_options, load_config, to_yaml, warmup_epochs
-from ..data import Augment, get_dataset, parse_spec
+from ..data import Augment, BatchSource, get_dataset, parse_spec
 from ..io import atomic_write, save_model
 from ..losses import LOSSES, eps_schedule
 from ..models.base import CertifiableModel, check_images
@@ -39,15 +39,14 @@ from ..report import format_table, plot_certified_accuracy, results_dict, write_
 from .batches import BatchPlan, step_generator
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .evaluate import certify_dataset
-from .distributed import DistInfo, all_true, barrier, build_model, clip_gradients, full_state_dict, \
-    is_sharded, lipschitz_bound, setup, teardown, wrap_model
+from .distributed import (DistInfo, all_true, barrier, broadcast_float, build_model, full_state_dict,
+                          is_sharded, setup, teardown, wrap_model)
 from .metrics import MetricsLog
 from .schedule import lr_factor
 from .signals import StopOnSignal
+from .step import LossHook, TrainStep
 
 __all__ = ["train", "Trainer", "TrainingDiverged"]
-
-LossHook = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 class TrainingDiverged(RuntimeError):
@@ -87,106 +86,84 @@ def _enable_activation_checkpointing(model: torch.nn.Module) -> None:
 
 
 class Trainer:
+    """One training run: ``Trainer(cfg, info, device).run()``. The constructor runs the build
+    steps in order; ``run()`` the loop, then the end of training."""
+
     def __init__(self, cfg: Config, info: DistInfo, device: torch.device,
                  loss_hook: LossHook | None = None):
-        self.cfg, self.info, self.device, self.loss_hook = cfg, info, device, loss_hook
+        self.cfg, self.info, self.device = cfg, info, device
         self.run_dir = Path(cfg.run_dir)
-        t = cfg.train
-        self.bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
-        self.loss_fn = LOSSES[cfg.loss.name]
-        self.eps_target = cfg.loss.eps_255 / 255.0
+        self._build_data()
+        self._build_model()
+        self._build_step(loss_hook)
+        self._build_plan()
+        resume_step = self._resume()
+        self._build_log(resume_step)
 
-        # data: validated once here, so the model skips its per-call input checks
-        opts = dataset_options(cfg)
-        self.train_ds = get_dataset(cfg.data.name, "train", **opts)
-        self.streaming = bool(getattr(self.train_ds, "streaming", False))
-        self.val_ds = None
-        if cfg.data.val_fraction != 0 and t.eval_every:
-            self.val_ds = get_dataset(cfg.data.name, "val", **opts)
-        ds = self.train_ds
+    # ---------------------------------------------------------------- build steps
+    def _build_data(self) -> None:
+        """The train split (a batch source), val if evaluated, and the generated images if mixed in."""
+        data = self.cfg.data
+        self.train_ds = get_dataset(data.name, "train", **dataset_options(self.cfg))
+        self._datasets = {"train": self.train_ds, "val": None}
+        self.val_ds = self._dataset("val") if data.val_fraction != 0 and self.cfg.train.eval_every else None
         self.gen_ds = None
-        if cfg.data.generated and cfg.data.generated_fraction > 0:
-            gen_opts = {"num_classes": ds.num_classes} if parse_spec(cfg.data.generated)[0] == "npz" else {}
-            self.gen_ds = get_dataset(cfg.data.generated, "train", val_fraction=0.0, **gen_opts)
-            if (self.gen_ds.in_chans, self.gen_ds.image_size) != (ds.in_chans, ds.image_size) \
-                    or self.gen_ds.num_classes > ds.num_classes:
+        if data.generated and data.generated_fraction > 0:
+            ds = self.train_ds
+            gen_opts = {"num_classes": ds.num_classes} if parse_spec(data.generated)[0] == "npz" else {}
+            self.gen_ds = get_dataset(data.generated, "train", val_fraction=0.0, **gen_opts)
+            if ((self.gen_ds.in_chans, self.gen_ds.image_size) != (ds.in_chans, ds.image_size)
+                    or self.gen_ds.num_classes > ds.num_classes):
                 raise ValueError(f"generated images {self.gen_ds} do not match the real ones {ds}")
 
+    def _build_model(self) -> None:
+        """The model for the data, checked once against its first images (so it skips its
+        per-call input checks in the loop), then wrapped for training (DDP / FSDP / compile)."""
+        cfg, ds, t = self.cfg, self.train_ds, self.cfg.train
+        self.bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
         kwargs = dict(OmegaConf.to_container(cfg.model.kwargs))
         kwargs.setdefault("mean", list(ds.mean))
-        self.model = build_model(cfg.model.name, info, device, t.seed, num_classes=ds.num_classes,
+        self.model = build_model(cfg.model.name, self.info, self.device, t.seed, num_classes=ds.num_classes,
                                  in_chans=ds.in_chans, image_size=ds.image_size, **kwargs)
-        if self.streaming:
-            x_probe = ds[0][0][None].float() / 255.0
-        else:
-            x_probe, _ = ds.subset(torch.arange(min(len(ds), 64)).numpy(), "train").tensors()
-        check_images(x_probe, self.model.in_chans, self.model.image_size)
+        check_images(ds.probe(64)[0], self.model.in_chans, self.model.image_size)
         if t.activation_checkpointing:
             _enable_activation_checkpointing(self.model)
-        self.forward = wrap_model(self.model, info, device, self.bf16)  # FSDP shards in place
+        self.forward = wrap_model(self.model, self.info, self.device, self.bf16)  # FSDP shards in place
         self.sharded = is_sharded(self.model)
-        self.optimizer = build_optimizer(
-            self.model, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
-            nesterov=cfg.optim.nesterov, orthogonal_lr_scale=cfg.optim.orthogonal_lr_scale,
-            lookahead_k=cfg.optim.lookahead_k, lookahead_alpha=cfg.optim.lookahead_alpha,
-            update=cfg.optim["update"], precision=cfg.optim.precision, chunk_size=cfg.optim.chunk_size)
+        if t.compile:
+            self.forward = torch.compile(self.forward)
 
-        self.plan = BatchPlan(len(ds), t.batch_size, t.seed, len(self.gen_ds) if self.gen_ds else 0,
-                              cfg.data.generated_fraction, info.world_size, info.rank)
+    def _build_step(self, loss_hook: LossHook | None) -> None:
+        """The optimizer and the training step that uses it."""
+        o, loss = self.cfg.optim, self.cfg.loss
+        self.optimizer = build_optimizer(
+            self.model, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, nesterov=o.nesterov,
+            orthogonal_lr_scale=o.orthogonal_lr_scale, lookahead_k=o.lookahead_k,
+            lookahead_alpha=o.lookahead_alpha, update=o["update"], precision=o.precision,
+            chunk_size=o.chunk_size)
+        self.train_step = TrainStep(self.forward, self.model, self.optimizer, LOSSES[loss.name], self.info,
+                                    self.device, self.bf16, o.grad_clip if o.grad_clip > 0 else math.inf,
+                                    loss.temperature, loss_hook)
+
+    def _build_plan(self) -> None:
+        """The (seed, step) batch plan, the schedules' lengths, augmentation, and the state a
+        checkpoint carries besides weights and optimizer."""
+        cfg, t = self.cfg, self.cfg.train
+        self.plan = BatchPlan(len(self.train_ds), t.batch_size, t.seed, len(self.gen_ds) if self.gen_ds else 0,
+                              cfg.data.generated_fraction, self.info.world_size, self.info.rank)
         self.steps_per_epoch = self.plan.steps_per_epoch
         self.total_steps = t.epochs * self.steps_per_epoch
         self.warmup_steps = int(round(warmup_epochs(cfg) * self.steps_per_epoch))
         self.augment = Augment(**OmegaConf.to_container(cfg.augment))
-        if not self.streaming:
-            self.x_train, self.y_train = ds.x.to(device), ds.y.to(device)
-        self._stream, self._stream_step = None, -1
-        if self.gen_ds is not None:
-            self.x_gen, self.y_gen = self.gen_ds.x.to(device), self.gen_ds.y.to(device)
-
-        # state that a checkpoint carries besides weights and optimizer
+        self._batches, self._batches_step = None, -1
         self.step, self.lr_scale, self.rollbacks, self.elapsed = 0, 1.0, 0, 0.0
         self.lipschitz: float | None = None
         self.stopped_early: int | None = None
-        self._datasets = {"train": self.train_ds, "val": self.val_ds}
-        resume_step = self._maybe_resume()
-        if info.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write(self.run_dir / "config.yaml", lambda p: Path(p).write_text(to_yaml(cfg)))
-            print(self._banner(), flush=True)
-        self.log = MetricsLog(self.run_dir, info.is_main, t.tensorboard, resume_step)
-        if t.compile:
-            self.forward = torch.compile(self.forward)
+        self._resumed_from: Path | None = None
+        self.loop_cpu_s = 0.0                 # CPU seconds (all threads) of this process's loop
 
-    def _dataset(self, split: str):
-        """The ``split`` of the run's data (loaded once; ValueError if the data has none)."""
-        if self._datasets.get(split) is None:
-            self._datasets[split] = get_dataset(self.cfg.data.name, split, **dataset_options(self.cfg))
-        return self._datasets[split]
-
-    def _banner(self) -> str:
-        """What the run is about to do: model, data sizes, steps, run folder, resume point."""
-        cfg, spe = self.cfg, self.steps_per_epoch
-        n_params = sum(p.numel() for p in self.model.parameters())
-        sizes = [f"train {len(self.train_ds):,}"]
-        for split in ("val", "test"):
-            try:
-                ds = self._dataset(split) if split == "val" or not self.streaming else None
-                sizes.append(f"{split} {len(ds):,}" if ds is not None else f"{split} (streamed)")
-            except ValueError:
-                sizes.append(f"no {split} split")
-        lines = [f"lipnext train: {cfg.model.name} ({n_params / 1e6:.2f}M parameters) on {cfg.data.name}, "
-                 f"{self.device} {'bf16' if self.bf16 else 'fp32'}, {self.info.world_size} process(es)",
-                 f"  images: {', '.join(sizes)}; certify.split={cfg.certify.split} at the end",
-                 f"  steps: {spe} per epoch (global batch {cfg.train.batch_size}) x {cfg.train.epochs} "
-                 f"epochs = {self.total_steps}, warm-up {self.warmup_steps}",
-                 f"  run folder: {self.run_dir}"]
-        if self.step:
-            lines.append(f"  resumed from step {self.step} of {self.total_steps} "
-                         f"(epoch {self.step / spe:g}; {self._resumed_from})")
-        return "\n".join(lines)
-
-    # ---------------------------------------------------------------- checkpoints
-    def _maybe_resume(self) -> int | None:
+    def _resume(self) -> int | None:
+        """Load the last checkpoint of run_dir under resume=true; refuse to overwrite one otherwise."""
         existing = list_checkpoints(self.run_dir)
         if not self.cfg.resume:
             if existing:
@@ -199,6 +176,45 @@ class Trainer:
             return None
         return self._load(existing[-1])
 
+    def _build_log(self, resume_step: int | None) -> None:
+        """The run folder, its config.yaml, the banner and the metrics log (rank 0 writes)."""
+        if self.info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.run_dir / "config.yaml", lambda p: Path(p).write_text(to_yaml(self.cfg)))
+            print(self._banner(), flush=True)
+        self.log = MetricsLog(self.run_dir, self.info.is_main, self.cfg.train.tensorboard, resume_step)
+
+    def _dataset(self, split: str) -> BatchSource:
+        """The ``split`` of the run's data (loaded once; ValueError if the data has none)."""
+        if self._datasets.get(split) is None:
+            self._datasets[split] = get_dataset(self.cfg.data.name, split, **dataset_options(self.cfg))
+        return self._datasets[split]
+
+    def _banner(self) -> str:
+        """What the run is about to do: model, data sizes, steps, run folder, resume point."""
+        cfg, spe = self.cfg, self.steps_per_epoch
+        n_params = sum(p.numel() for p in self.model.parameters())
+        sizes = [f"train {len(self.train_ds):,}"]
+        for split in ("val", "test"):
+            try:
+                sizes.append(f"{split} {len(self._dataset(split)):,}")
+            except (ValueError, FileNotFoundError):
+                sizes.append(f"no {split} split")
+        lines = [f"lipnext train: {cfg.model.name} ({n_params / 1e6:.2f}M parameters) on {cfg.data.name}, "
+                 f"{self.device} {'bf16' if self.bf16 else 'fp32'}, {self.info.world_size} process(es)",
+                 f"  images: {', '.join(sizes)}; certify.split={cfg.certify.split} at the end",
+                 f"  steps: {spe} per epoch (global batch {cfg.train.batch_size}) x {cfg.train.epochs} "
+                 f"epochs = {self.total_steps}, warm-up {self.warmup_steps}",
+                 f"  run folder: {self.run_dir}"]
+        if cfg.train.budget_s is not None:
+            lines.insert(3, f"  budget: {cfg.train.budget_s:g} s; the schedules run on its share used "
+                            f"(warm-up {self.warmup_steps / self.total_steps:.1%}), at most these steps")
+        if self.step:
+            lines.append(f"  resumed from step {self.step} of {self.total_steps} "
+                         f"(epoch {self.step / spe:g}; {self._resumed_from})")
+        return "\n".join(lines)
+
+    # ---------------------------------------------------------------- checkpoints
     def _load(self, path: Path) -> int:
         state = load_checkpoint(path, self.model, self.optimizer)
         old_total, spe = state.get("total_steps"), state.get("steps_per_epoch")
@@ -246,67 +262,40 @@ class Trainer:
         is_gen = (torch.arange(self.plan.batch_size) >= len(real))[self.plan.local_rows()]
         return idx[~is_gen], idx[is_gen]
 
-    def _streamed(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The real images of ``step`` from a DataLoader over this epoch's remaining batches."""
-        if self._stream is None or self._stream_step != step or step % self.steps_per_epoch == 0:
+    def _real_images(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The real images of ``step``, from one ``batches`` stream over the rest of its epoch
+        (a streamed dataset decodes ahead); a new stream at each epoch and after a rollback."""
+        if self._batches is None or self._batches_step != step or step % self.steps_per_epoch == 0:
             end = (step // self.steps_per_epoch + 1) * self.steps_per_epoch
-            batches = [self._local_indices(s)[0].tolist() for s in range(step, end)]
-            self._stream = iter(torch.utils.data.DataLoader(
-                self.train_ds, batch_sampler=batches, num_workers=self.cfg.data.num_workers,
-                pin_memory=self.device.type == "cuda", persistent_workers=False))
-        self._stream_step = step + 1
-        x, y = next(self._stream)
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            self._batches = self.train_ds.batches((self._local_indices(s)[0] for s in range(step, end)),
+                                                  self.device)
+        self._batches_step = step + 1
+        return next(self._batches)
 
     def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The augmented training batch of ``step`` on this rank: real images, then generated ones."""
         params = self.augment.sample(self.plan.batch_size, self.train_ds.image_size,
                                      step_generator(self.cfg.train.seed, step, 3))
         params = {k: v[self.plan.local_rows()] for k, v in params.items()}
-        real, gen = self._local_indices(step)
-        if self.streaming:
-            x, y = self._streamed(step)
-        else:
-            x, y = self.x_train[real.to(self.device)], self.y_train[real.to(self.device)]
-        if len(gen):
-            x = torch.cat([x.to(self.x_gen.dtype), self.x_gen[gen.to(self.device)]])
-            y = torch.cat([y, self.y_gen[gen.to(self.device)]])
-        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        x, y = self._real_images(step)
+        if self.gen_ds is not None and len(gen := self._local_indices(step)[1]):
+            xg, yg = next(self.gen_ds.batches([gen], self.device))
+            x, y = torch.cat([x, xg]), torch.cat([y, yg])
         return self.augment.apply(x, params, self.train_ds.mean), y
 
-    def _train_step(self, step: int) -> dict[str, float] | None:
-        """One optimisation step; None if the loss or gradient was not finite (no update)."""
-        cfg = self.cfg
-        lr = cfg.optim.lr * lr_factor(step, self.total_steps, self.warmup_steps,
-                                      cfg.optim.min_lr / cfg.optim.lr if cfg.optim.lr else 0.0) * self.lr_scale
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-        eps = eps_schedule(step / self.total_steps, self.eps_target, cfg.loss.eps_start,
-                           cfg.loss.eps_end, cfg.loss.eps_ramp)
-        if self.lipschitz is None or step % cfg.loss.lipschitz_every == 0:   # rank 0, broadcast
-            self.lipschitz = lipschitz_bound(self.model, self.info, self.device)
-        x, y = self._batch(step)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            logits = self.forward(x)
-        loss = self.loss_fn(logits.float(), y, self.model.head_weight(), self.lipschitz, eps,
-                            cfg.loss.temperature)
-        if self.loss_hook is not None:
-            loss = self.loss_hook(step, loss)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-        gnorm = clip_gradients(self.model, self.optimizer, clip)   # global norm, every rank
-        stats = torch.stack([loss.detach().float(), (logits.argmax(1) == y).float().sum(),
-                             gnorm.detach().float().to(loss.device)])
-        if dist.is_initialized():
-            dist.all_reduce(stats)
-            stats[0] /= self.info.world_size
-        finite = all_true(bool(torch.isfinite(stats).all()), self.info, self.device)
-        if not finite:
-            return None
-        self.optimizer.step()
-        return {"loss": stats[0].item(), "train_acc": stats[1].item() / self.plan.batch_size,
-                "grad_norm": stats[2].item() / (self.info.world_size if dist.is_initialized() else 1),
-                "lr": lr, "eps": eps, "lipschitz": self.lipschitz}
+    def _schedules(self, step: int) -> tuple[float, float]:
+        """(lr, eps) at ``step``: warm-up + cosine and the eps ramp at step / total_steps, or under
+        train.budget_s at the share of the budget used (the lr clock then ticks in milliseconds)."""
+        cfg, budget = self.cfg, self.cfg.train.budget_s
+        if budget is None:
+            t, total, warmup = step, self.total_steps, self.warmup_steps
+        else:
+            total = 1000 * budget
+            t, warmup = min(1000 * self.elapsed, total), total * self.warmup_steps / self.total_steps
+        lr = cfg.optim.lr * lr_factor(t, total, warmup, cfg.optim.min_lr / cfg.optim.lr) * self.lr_scale
+        eps = eps_schedule(t / total, cfg.loss.eps_255 / 255.0, cfg.loss.eps_start, cfg.loss.eps_end,
+                           cfg.loss.eps_ramp)
+        return lr, eps
 
     def _on_nan(self, step: int) -> None:
         msg = (f"non-finite loss or gradient at step {step} (epoch {step // self.steps_per_epoch})")
@@ -351,8 +340,7 @@ class Trainer:
     def _certify(self, model: CertifiableModel, split: str,
                  limit: int | None = None) -> tuple[dict[str, Any], Any]:
         ds = self._dataset(split)
-        cert = certify_dataset(model, ds, self.cfg.certify.rule, self.cfg.certify.batch_size, limit,
-                               self.cfg.data.num_workers if self.streaming else 0)
+        cert = certify_dataset(model, ds, self.cfg.certify.rule, self.cfg.certify.batch_size, limit)
         radii, unit = list(self.cfg.certify.radii), self.cfg.certify.radius_unit
         return results_dict(cert, [r / unit for r in radii], labels=[radius_label(r, unit) for r in radii]), cert
 
@@ -372,83 +360,128 @@ class Trainer:
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> dict[str, Any]:
-        cfg, t = self.cfg, self.cfg.train
-        if cfg.train.on_nan == "rollback" and latest_checkpoint(self.run_dir) is None:
+        """Train to the end (train.epochs, the budget or the time limit), then save and certify;
+        on train.stop_at_step or SIGINT/SIGTERM (any rank), checkpoint and stop instead."""
+        t = self.cfg.train
+        if t.on_nan == "rollback" and latest_checkpoint(self.run_dir) is None:
             self._save()                              # something to roll back to
-        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
-                   desc=f"train {cfg.model.name}", mininterval=1.0, disable=not (t.progress and self.info.is_main))
-        self.model.validate_inputs = False
-        finished = self.step >= self.total_steps      # resumed from the final checkpoint
-        t0, window_t, window_n = time.perf_counter() - self.elapsed, time.perf_counter(), 0
+        already_final = self.step >= self.total_steps  # resumed from the final checkpoint
+        self._bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                         desc=f"train {self.cfg.model.name}", mininterval=1.0,
+                         disable=not (t.progress and self.info.is_main))
         stop = StopOnSignal()                         # Ctrl-C / SIGTERM: checkpoint, then stop
+        self.model.validate_inputs = False
         try:
             stop.install()
-            while self.step < self.total_steps:
-                signalled = not all_true(stop.signal is None, self.info, self.device)
-                if signalled or (t.stop_at_step is not None and self.step >= t.stop_at_step):
-                    return self._interrupt(bar, (stop.signal or "a signal on another rank") if signalled else None)
-                if t.time_limit_min is not None and not all_true(
-                        time.perf_counter() - t0 < 60 * t.time_limit_min, self.info, self.device):
-                    self.stopped_early = self.step
-                    if self.info.is_main:
-                        tqdm.write(f"train.time_limit_min={t.time_limit_min} reached at step "
-                                   f"{self.step} of {self.total_steps}: ending training early")
-                    break
-                stats = self._train_step(self.step)
-                if stats is None:
-                    self._on_nan(self.step)
-                    bar.n = self.step
-                    continue
-                self.step += 1
-                window_n += 1
-                bar.update(1)
-                epoch = (self.step - 1) // self.steps_per_epoch
-                if self.step % t.log_every == 0 or self.step == self.total_steps:
-                    now = time.perf_counter()
-                    ips = window_n * self.plan.batch_size / max(now - window_t, 1e-9)
-                    self.elapsed = now - t0
-                    self.log.log({"kind": "train", "step": self.step, "epoch": epoch, **stats,
-                                  "img_per_s": ips, "time_s": self.elapsed})
-                    bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['train_acc']:.2f}",
-                                    eps=f"{stats['eps']:.3f}", img_s=f"{ips:.0f}")
-                    window_t, window_n = now, 0
-                epoch_end = self.step % self.steps_per_epoch == 0
-                if epoch_end:
-                    drift = self.optimizer.retract(t.retraction) if t.retraction != "none" else None
-                    self.log.log({"kind": "epoch", "step": self.step, "epoch": epoch,
-                                  "orthogonality_drift": drift})
-                    if t.eval_every and (epoch + 1) % t.eval_every == 0:
-                        self._evaluate(epoch)
-                self.elapsed = time.perf_counter() - t0
-                if self.step < self.total_steps and (
-                        (epoch_end and t.checkpoint_every and (epoch + 1) % t.checkpoint_every == 0)
-                        or (t.checkpoint_every_steps and self.step % t.checkpoint_every_steps == 0)):
-                    self._save()
-            stop.restore()
-            bar.close()
-            if not finished:                          # its weights are already final
-                if t.retraction != "none":            # (none: certified as trained, bound measured)
-                    self.optimizer.retract(t.retraction)
-                self.elapsed = time.perf_counter() - t0
-                self._save()
-            return self._finish()
+            interrupt = self._loop(stop)
         finally:
             stop.restore()
             self.model.validate_inputs = True
-            bar.close()
+            self._bar.close()
+        if interrupt is not None:
+            results = self._interrupt(interrupt)
+        else:
+            if not already_final:                     # its weights are already final
+                self._end_of_training()
+            results = self._finish()
+        return results
 
-    def _interrupt(self, bar: tqdm, signal_name: str | None) -> dict[str, Any]:
+    def _loop(self, stop: StopOnSignal) -> str | None:
+        """Steps until the schedule, the budget or the time limit ends; returns what interrupted
+        it instead (a signal's name, or train.stop_at_step), else None."""
+        self._t0 = time.perf_counter() - self.elapsed
+        self._window_t, self._window_n = time.perf_counter(), 0    # images per second since the last log
+        cpu0, interrupt = time.process_time(), None
+        while self.step < self.total_steps:
+            interrupt = self._interrupt_requested(stop)
+            if interrupt is not None or self._out_of_time():
+                break
+            self._advance()
+        self.loop_cpu_s = time.process_time() - cpu0
+        return interrupt
+
+    def _interrupt_requested(self, stop: StopOnSignal) -> str | None:
+        """A SIGINT/SIGTERM on any rank (its name), train.stop_at_step reached, or None (collective)."""
+        if not all_true(stop.signal is None, self.info, self.device):
+            return stop.signal or "a signal on another rank"
+        at = self.cfg.train.stop_at_step
+        return "train.stop_at_step" if at is not None and self.step >= at else None
+
+    def _out_of_time(self) -> bool:
+        """Whether train.budget_s or train.time_limit_min is spent, by rank 0's clock (collective);
+        reads the clock into ``elapsed`` for the budget's schedules."""
+        t = self.cfg.train
+        if t.budget_s is None and t.time_limit_min is None:
+            return False
+        self.elapsed = broadcast_float(time.perf_counter() - self._t0, self.info, self.device)
+        spent = None
+        if t.budget_s is not None and self.elapsed >= t.budget_s:
+            spent = f"train.budget_s={t.budget_s:g} spent"
+        elif t.time_limit_min is not None and self.elapsed >= 60 * t.time_limit_min:
+            spent, self.stopped_early = f"train.time_limit_min={t.time_limit_min} reached", self.step
+        if spent and self.info.is_main:
+            tqdm.write(f"{spent} at step {self.step} of {self.total_steps}: ending training")
+        return spent is not None
+
+    def _advance(self) -> None:
+        """One step: the update (or a NaN rollback), then the log, epoch-end work, checkpoints."""
+        t, step = self.cfg.train, self.step
+        lr, eps = self._schedules(step)
+        x, y = self._batch(step)
+        due = self.lipschitz is None or step % self.cfg.loss.lipschitz_every == 0
+        stats = self.train_step(step, x, y, lr, eps, None if due else self.lipschitz)
+        if stats is None:
+            self._on_nan(step)
+            self._bar.n = self.step
+            return
+        self.lipschitz = stats["lipschitz"]
+        self.step += 1
+        self._window_n += 1
+        self._bar.update(1)
+        epoch = (self.step - 1) // self.steps_per_epoch
+        if self.step % t.log_every == 0 or self.step == self.total_steps:
+            self._log_train(stats, epoch)
+        epoch_end = self.step % self.steps_per_epoch == 0
+        if epoch_end:
+            drift = self.optimizer.retract(t.retraction) if t.retraction != "none" else None
+            self.log.log({"kind": "epoch", "step": self.step, "epoch": epoch, "orthogonality_drift": drift})
+            if t.eval_every and (epoch + 1) % t.eval_every == 0:
+                self._evaluate(epoch)
+        self.elapsed = time.perf_counter() - self._t0
+        if self.step < self.total_steps and (
+                (epoch_end and t.checkpoint_every and (epoch + 1) % t.checkpoint_every == 0)
+                or (t.checkpoint_every_steps and self.step % t.checkpoint_every_steps == 0)):
+            self._save()
+
+    def _log_train(self, stats: dict[str, float], epoch: int) -> None:
+        """A train record: the step's metrics and the images per second since the last one."""
+        now = time.perf_counter()
+        ips = self._window_n * self.plan.batch_size / max(now - self._window_t, 1e-9)
+        self.elapsed = now - self._t0
+        self.log.log({"kind": "train", "step": self.step, "epoch": epoch, **stats,
+                      "img_per_s": ips, "time_s": self.elapsed})
+        self._bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['train_acc']:.2f}",
+                              eps=f"{stats['eps']:.3f}", img_s=f"{ips:.0f}")
+        self._window_t, self._window_n = now, 0
+
+    def _end_of_training(self) -> None:
+        """Polar retraction (none: certified as trained, bound measured) and the final checkpoint."""
+        if self.cfg.train.retraction != "none":
+            self.optimizer.retract(self.cfg.train.retraction)
+        self.elapsed = time.perf_counter() - self._t0
+        self._save()
+
+    def _interrupt(self, reason: str) -> dict[str, Any]:
         """Checkpoint (atomic) and stop: train.stop_at_step, or SIGINT/SIGTERM (on any rank)."""
         self._save()
-        bar.close()
         self.log.close()
         out: dict[str, Any] = {"interrupted": True, "step": self.step}
-        if signal_name is not None:
-            out["signal"] = signal_name
+        if reason != "train.stop_at_step":
+            out["signal"] = reason
             if self.info.is_main:
                 saved = (f"checkpoint {latest_checkpoint(self.run_dir)} written" if self.cfg.train.checkpoint
                          else "nothing saved (train.checkpoint=false)")
-                print(f"{signal_name}: stopped at step {self.step} of {self.total_steps}; {saved}", flush=True)
+                print(f"{reason}: stopped at step {self.step} of {self.total_steps}; {saved}", flush=True)
         return out
 
     def _final_split(self) -> str | None:
@@ -482,6 +515,7 @@ class Trainer:
             split = self._final_split()
             results = {"split": split, "dataset": cfg.data.name, "model": cfg.model.name,
                        "epochs": cfg.train.epochs, "steps": self.step, "train_time_s": round(self.elapsed, 1),
+                       "loop_cpu_s": round(self.loop_cpu_s, 1),
                        "stopped_early_at_step": self.stopped_early, "total_steps": self.total_steps,
                        "world_size": self.info.world_size, "device": str(self.device),
                        "precision": "bf16" if self.bf16 else "fp32", "run_dir": str(self.run_dir)}
