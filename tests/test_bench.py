@@ -135,3 +135,37 @@ def test_rows_are_written_as_they_are_measured(tmp_path, monkeypatch):
     data = json.loads((tmp_path / "bench.json").read_text())
     assert data["complete"] is False and [r["model"] for r in data["results"]] == ["lipnext_l4w64"]
     assert "lipnext_l4w64" in (tmp_path / "bench.md").read_text()
+
+
+def test_step_twin_has_lipnext_shapes_and_cli_reports_both(tmp_path, capsys):
+    from lipnext.bench.step import Twin
+    from lipnext.models import create_model
+    model = create_model("lipnext_l4w64", image_size=8)
+    twin = Twin(model)
+    x = torch.rand(2, 3, 8, 8)
+    assert twin(x).shape == model(x).shape == (2, 10)
+    assert [tuple(b.a.weight.shape) for b in twin.blocks] == [(64, 64)] * 4
+    out = tmp_path / "step.json"
+    assert main(["bench", "step", "--model", "lipnext_l4w64", "--batch", "2", "--image-size", "8",
+                 "--repeats", "1", "--lipschitz-every", "1", "4", "--exp-sizes", "8",
+                 "--exp-norms", "0.5", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| lipnext_l4w64 (4 blocks) | 2 | 32 | 4 |" in table and "| 8 | 0.5 |" in table
+    data = json.loads(out.read_text())
+    row = data["steps"][0]
+    assert row["tokens_per_call"] == 32 and len(row["times_s"]["twin"]) == 1
+    # the cadence-4 step removes 3/4 of the bound, measured in the same run
+    assert row["lipnext_step_ms"]["4"] == pytest.approx(row["lipnext_step_ms"]["1"] - 0.75 * row["bound_ms"])
+
+
+def test_exp_plans_count_products_and_cli_runs(capsys):
+    from lipnext.bench.exp import plan_table
+    rows = plan_table([64])
+    assert [r["regime"] for r in rows][0] == "first step"
+    for r in rows:
+        extra = 1 if r["regime"].startswith("Lookahead") else 2
+        assert r["step_products"] == r["exp_products"] + extra
+    assert main(["bench", "exp", "--sizes", "8", "--norms", "0.5", "--step-sizes", "8", "--stack", "2",
+                 "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| fast_exp | 8 |" in out and "| ManifoldAdam.step | 8 | 2 matrices stacked |" in out

@@ -1,6 +1,8 @@
 """`lipnext bench`: speed, memory and FLOPs of named models side by side (ratios against
 LipNeXt measured in the same run), the orthogonal-update comparison (``--orthogonal``)
-and the wall-clock budget race (``--race``)."""
+and the wall-clock budget race (``--race``). Named benchmarks: ``lipnext bench step``
+(the training step against an unconstrained twin), ``lipnext bench exp`` (FastExp and the
+manifold step)."""
 from __future__ import annotations
 
 import argparse
@@ -51,14 +53,73 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="base learning rate (race)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
+    names = p.add_subparsers(dest="bench", metavar="NAME", required=False,
+                             help="a named benchmark (default: the model benchmark above)")
+    _add_step(names)
+    _add_exp(names)
+
+
+def _add_step(names: argparse._SubParsersAction) -> None:
+    from_doc = "training-step time of LipNeXt, as the trainer runs it, against an unconstrained twin"
+    p = names.add_parser("step", help=from_doc, description=from_doc)
+    p.add_argument("--model", default="lipnext_l8w128")
+    p.add_argument("--depth", type=int, help="number of blocks (default: the model's)")
+    p.add_argument("--batch", type=int, nargs="+", default=[128])
+    p.add_argument("--lipschitz-every", type=int, nargs="+", default=[1], metavar="N")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--exp-sizes", type=int, nargs="*", default=[1024])
+    p.add_argument("--exp-norms", type=float, nargs="*", default=[2.0, 4.0])
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the LipNeXt blocks (LipNeXtBlock.compiled = True; twin eager)")
+    p.add_argument("--json", metavar="PATH")
+    p.set_defaults(func=_run_step)
+
+
+def _run_step(args: argparse.Namespace) -> int:
+    _threads(args.threads)
+    from ..bench.step import run_step
+    print(run_step(args.model, args.depth, args.batch, args.lipschitz_every, args.image_size,
+                   args.repeats, args.exp_sizes, args.exp_norms, args.compile, args.json))
+    return 0
+
+
+def _add_exp(names: argparse._SubParsersAction) -> None:
+    what = "FastExp against torch.linalg.matrix_exp, and one ManifoldAdam step stacked vs one group each"
+    p = names.add_parser("exp", help=what, description=what)
+    p.add_argument("--sizes", type=int, nargs="+", default=[256, 1024], help="C for fast_exp vs matrix_exp")
+    p.add_argument("--norms", type=float, nargs="+", default=[0.1, 0.5],
+                   help="Frobenius norms of the skew input")
+    p.add_argument("--step-sizes", type=int, nargs="+", default=[128, 256], help="C for the ManifoldAdam step")
+    p.add_argument("--stack", type=int, default=16, help="matrices per stack")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--plans", type=int, nargs="*", default=[], metavar="C",
+                   help="print FastExp's plans for NAdam-like steps at these widths (computed)")
+    p.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
+    p.set_defaults(func=_run_exp)
+
+
+def _run_exp(args: argparse.Namespace) -> int:
+    _threads(args.threads)
+    from ..bench.exp import run_exp
+    print(run_exp(args.sizes, args.norms, args.step_sizes, args.stack, args.repeats, args.device,
+                  args.plans, args.json))
+    return 0
+
+
+def _threads(n: int | None) -> None:
+    if n:
+        import torch
+        torch.set_num_threads(n)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.batch < 1 or args.steps < 1 or args.warmup < 0:
         raise ValueError("--batch and --steps must be >= 1 and --warmup >= 0")
-    if args.threads is not None:
-        import torch
-        torch.set_num_threads(args.threads)
+    _threads(args.threads)
     out = Path(args.out)
     if args.race:
         from ..bench.race import RaceConfig, run_race
