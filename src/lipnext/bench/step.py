@@ -29,7 +29,7 @@ from ..losses import emma_loss
 from ..models import create_model
 from ..models.lipnext import LipNeXt, LipNeXtBlock
 from ..nn.pool import L2Pool
-from ..nn.minmax import patchify
+from ..ops.patchify import patchify
 from ..optim import build_optimizer
 from .exp import bench_fast_exp
 from .timing import interleaved_calls

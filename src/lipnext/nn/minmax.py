@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..ops.patchify import patchify
+
 __all__ = ["MinMax", "patchify"]
 
 
@@ -23,10 +25,3 @@ class MinMax(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = x.chunk(2, dim=self.dim)
         return torch.cat([torch.maximum(a, b), torch.minimum(a, b)], dim=self.dim)
-
-
-def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, H/p, W/p, C p^2), each row one flattened p x p patch."""
-    b, c, hh, ww = x.shape
-    x = x.reshape(b, c, hh // p, p, ww // p, p).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, hh // p, ww // p, c * p * p)
