@@ -35,11 +35,11 @@ from .bounds import distance_upper, gamma, pairwise_distances
 from .models.base import CertifiableModel, check_images
 from .nn.conv_bounds import operator_norm_bound
 from .nn.modes import evaluating
+from .options import RULES
 from .rounding import UP, U64, Float64Twin, propagate
 
 __all__ = ["Certificate", "RoundingBound", "certify", "certified_radius", "standard_numerics", "RULES"]
 
-RULES = ("pairwise", "sqrt2")
 _DOWN = 1.0 - 1e-12   # covers the rounding of the radius formula itself (a few float64 operations)
 
 

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..options import SPLITS
+
 __all__ = ["ArrayDataset", "SPLITS", "split_indices", "check_labels", "check_split"]
 
-SPLITS = ("train", "val", "test")
 VAL_SEED = 0  # the validation carve-out never depends on the training seed
 
 

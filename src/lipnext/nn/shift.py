@@ -11,6 +11,7 @@ permutation), ||S(X)|| <= ||X|| and ||S||_2 <= 1; the Lipschitz bound is unchang
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..ops.shift import PADDINGS, spatial_shift
