@@ -169,3 +169,40 @@ def test_exp_plans_count_products_and_cli_runs(capsys):
                  "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "| fast_exp | 8 |" in out and "| ManifoldAdam.step | 8 | 2 matrices stacked |" in out
+
+
+def test_scale_counts_the_optimizer_state_and_plans_per_rank():
+    from lipnext.bench.scale import full_width, plan
+    fw = full_width(16, 1)
+    # X, G, NAdam's two moments, Lookahead's slow weights and step sum (6 fp32 per parameter),
+    # and two fp32 scalars (step, mu_product) for the 16 x 16 matrix
+    assert fw["persistent_bytes_per_param"] == 24.0 + 8 / 256 and fw["flops_per_matrix"] > 0
+    one = plan("m", 2, fw, 1, "replicated", "fp32")
+    fsdp = plan("m", 2, fw, 4, "fsdp", "fp32")
+    assert one["persistent_B_per_param"] == 24.0 and fsdp["persistent_B_per_param"] == 6.0
+    assert fsdp["flops"] == pytest.approx(one["flops"] * 2 / 5)       # ceil(5 / 4) of 5 matrices
+
+
+@pytest.mark.distributed
+def test_fsdp_memory_halves_per_rank_and_keeps_the_weights(tmp_path):
+    from lipnext.bench.fsdp_memory import run_fsdp_memory
+    out = tmp_path / "fsdp.json"
+    table = run_fsdp_memory("lipnext_l4w64", worlds=[2], batch=4, json_path=out)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["strategy"], r["world"], r["rank"]) for r in rows] == [("none", 1, 0), ("fsdp", 2, 0), ("fsdp", 2, 1)]
+    for r in rows[1:]:
+        assert r["weights_bytes"] == pytest.approx(rows[0]["weights_bytes"] / 2, rel=0.05)
+        assert r["max_weight_diff"] < 1e-5
+    assert "fsdp  2    1" in table
+    with pytest.raises(ValueError, match="divisible"):
+        run_fsdp_memory("lipnext_l4w64", worlds=[3], batch=4)
+
+
+def test_baselines_runs_only_commands_that_lipnext_bench_accepts():
+    from lipnext.bench.baselines import commands
+    from lipnext.cli import build_parser
+    for quick in (True, False):
+        cmds = commands("runs/x", quick, race=True)
+        assert len(cmds) == (3 if quick else 5) and cmds[-1][:2] == ["bench", "--race"]
+        for cmd in cmds:
+            assert build_parser().parse_args(cmd).func.__name__ == "run"

@@ -1,8 +1,9 @@
 """`lipnext bench`: speed, memory and FLOPs of named models side by side (ratios against
 LipNeXt measured in the same run), the orthogonal-update comparison (``--orthogonal``)
 and the wall-clock budget race (``--race``). Named benchmarks: ``lipnext bench step``
-(the training step against an unconstrained twin), ``lipnext bench exp`` (FastExp and the
-manifold step)."""
+(the training step against an unconstrained twin), ``exp`` (FastExp and the manifold step),
+``scale`` (the optimizer per rank at 1B and 2B), ``fsdp-memory`` (per-rank memory under
+FSDP) and ``baselines`` (the runs behind the baseline tables)."""
 from __future__ import annotations
 
 import argparse
@@ -57,6 +58,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                              help="a named benchmark (default: the model benchmark above)")
     _add_step(names)
     _add_exp(names)
+    _add_scale(names)
+    _add_fsdp_memory(names)
+    _add_baselines(names)
 
 
 def _add_step(names: argparse._SubParsersAction) -> None:
@@ -108,6 +112,60 @@ def _run_exp(args: argparse.Namespace) -> int:
     print(run_exp(args.sizes, args.norms, args.step_sizes, args.stack, args.repeats, args.device,
                   args.plans, args.json))
     return 0
+
+
+def _add_scale(names: argparse._SubParsersAction) -> None:
+    what = ("the manifold optimizer per rank at 1B and 2B widths: measured FLOPs and bytes, "
+            "measured DDP scaling (gloo), computed H100 times")
+    p = names.add_parser("scale", help=what, description=what)
+    p.add_argument("--widths", type=int, nargs="+", default=[4096, 5792])
+    p.add_argument("--chunk-size", type=int, default=8)
+    p.add_argument("--measure-chunk", type=int, default=1, help="matrices in the full-width run")
+    p.add_argument("--scaling-width", type=int, default=1024)
+    p.add_argument("--scaling-matrices", type=int, default=8)
+    p.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", metavar="PATH")
+    p.set_defaults(func=_run_scale)
+
+
+def _run_scale(args: argparse.Namespace) -> int:
+    from ..bench.scale import run_scale
+    run_scale(args.widths, args.chunk_size, args.measure_chunk, args.scaling_width, args.scaling_matrices,
+              args.worlds, args.steps, args.threads, args.json)
+    return 0
+
+
+def _add_fsdp_memory(names: argparse._SubParsersAction) -> None:
+    what = "per-rank memory of FSDP training state against one unsharded process (CPU, gloo)"
+    p = names.add_parser("fsdp-memory", help=what, description=what)
+    p.add_argument("--model", default="lipnext_l16w512")
+    p.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", metavar="PATH")
+    p.set_defaults(func=_run_fsdp_memory)
+
+
+def _run_fsdp_memory(args: argparse.Namespace) -> int:
+    from ..bench.fsdp_memory import run_fsdp_memory
+    print(run_fsdp_memory(args.model, args.worlds, args.batch, args.threads, args.json))
+    return 0
+
+
+def _add_baselines(names: argparse._SubParsersAction) -> None:
+    what = "the lipnext bench runs behind docs/BENCHMARKS.md's baseline tables, one after the other"
+    p = names.add_parser("baselines", help=what, description=what)
+    p.add_argument("--quick", action="store_true", help="small sizes: a smoke test of a few minutes")
+    p.add_argument("--race", action="store_true", help="also the 10-minute budget race")
+    p.add_argument("--out", default="runs/bench")
+    p.set_defaults(func=_run_baselines)
+
+
+def _run_baselines(args: argparse.Namespace) -> int:
+    from ..bench.baselines import run_baselines
+    return run_baselines(args.out, args.quick, args.race)
 
 
 def _threads(n: int | None) -> None:

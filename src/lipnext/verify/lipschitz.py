@@ -22,6 +22,7 @@ import math
 
 import torch
 
+from ..bounds import pairwise_distances
 from ..nn.modes import evaluating, frozen
 from ..rounding import float64_twin_or_none
 from .report import CheckResult
@@ -140,7 +141,7 @@ def head_check(model, x: torch.Tensor, num_random: int = 64, rtol: float = 1e-6,
                "composition_error": comp_err, "composition_rel_error": comp_err / comp_scale,
                "float64_head": dtype_ok, "row_norm_min": norms.min().item(),
                "row_norm_max": norms.max().item(),
-               "max_pair_distance": torch.cdist(w[None], w[None])[0].max().item()}
+               "max_pair_distance": pairwise_distances(w).max().item()}
     problems = []
     if not ok_head:
         problems.append(f"forward_head(f) - forward_head(0) differs from f @ head_weight().T by "
