@@ -14,7 +14,6 @@ norms. Medians of ``repeats`` after one warm-up; the ratio's spread is over the 
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,7 +31,7 @@ from ..nn.pool import L2Pool
 from ..ops.patchify import patchify
 from ..optim import build_optimizer
 from .exp import bench_fast_exp
-from .timing import interleaved_calls
+from .timing import interleaved_calls, median
 
 __all__ = ["Twin", "measure_step", "run_step"]
 
@@ -116,8 +115,8 @@ def measure_step(model_name: str, depth: int | None, batch: int, image_size: int
     times = interleaved_calls(
         {"lipnext": lipnext_step(model, build_optimizer(model, lr=1e-3), x, y, parts),
          "twin": twin_step(twin, torch.optim.Adam(twin.parameters(), lr=1e-3), x, y)}, repeats)
-    ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
-    bound, optim = (1e3 * statistics.median(parts[k][1:]) for k in ("bound", "optimizer"))
+    ms = {k: 1e3 * median(v) for k, v in times.items()}
+    bound, optim = (1e3 * median(parts[k][1:]) for k in ("bound", "optimizer"))
     steps = {n: ms["lipnext"] - (1 - 1 / n) * bound for n in cadences}
     ratios = [a / b for a, b in zip(times["lipnext"], times["twin"])]
     return {"model": model_name, "depth": model.depth, "width": model.width, "batch": batch,
