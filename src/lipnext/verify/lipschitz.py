@@ -92,6 +92,7 @@ def empirical_lipschitz(model, x: torch.Tensor, steps: int = 200, restarts: int 
                 twin = float64_twin_or_none(model)
                 r64 = (_ratio(twin, best_a.double(), (best_a + best_d).double()) if twin is not None
                        else best.double())
+                by = "float64 twin" if twin is not None else "float32 model (no float64 program)"
                 del twin
     finally:
         if validate is not None:
@@ -102,7 +103,8 @@ def empirical_lipschitz(model, x: torch.Tensor, steps: int = 200, restarts: int 
     details = {"empirical": value, "claimed": claimed, "ratio": value / claimed, "rtol": rtol,
                "steps": steps, "restarts": restarts, "points": n, "min_dist": min_dist,
                "best_per_restart": per_restart, "separations": scales.tolist(),
-               "best_pair_distance": best_d[k].norm().item(), "box": "none (all of R^n)"}
+               "best_pair_distance": best_d[k].norm().item(), "box": "none (all of R^n)",
+               "reevaluated_by": by}
     ok = value <= claimed * (1 + rtol)
     summary = (f"empirical Lip(trunk) >= {value:.6f} vs claimed L = {claimed:.6f} "
                f"(ratio {value / claimed:.4f}; {n} points x {restarts} restarts x {steps} steps)")
