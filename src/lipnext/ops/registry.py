@@ -30,11 +30,13 @@ def kernel_op(name: str, reference: F) -> F:
     if name in OPS:
         raise ValueError(f"op {name!r} is defined twice")
     OPS[name] = reference
-    _KERNELS[name] = {}
+    kernels = _KERNELS[name] = {}
 
     @functools.wraps(reference)
     def call(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        return kernel_for(name, x.device.type)(x, *args, **kwargs)
+        if kernels and _ENABLED[0]:          # no device look-up while none is registered
+            return kernels.get(x.device.type, reference)(x, *args, **kwargs)
+        return reference(x, *args, **kwargs)
     return call  # type: ignore[return-value]
 
 
