@@ -96,6 +96,8 @@ def test_registry_user_errors():
         ops.register_kernel("shift", "cuda:0", lambda x: x)
     with pytest.raises(ValueError, match="device type"):
         ops.register_kernel("shift", "gpu", lambda x: x)
+    with pytest.raises(KeyError, match="unknown op 'conv'"):
+        ops.kernel_for("conv", "cpu")
     with pytest.raises(ValueError, match="defined twice"):
         registry.kernel_op("shift", lambda x: x)
 

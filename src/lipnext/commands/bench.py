@@ -64,8 +64,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_step(names: argparse._SubParsersAction) -> None:
-    from_doc = "training-step time of LipNeXt, as the trainer runs it, against an unconstrained twin"
-    p = names.add_parser("step", help=from_doc, description=from_doc)
+    what = "training-step time of LipNeXt, as the trainer runs it, against an unconstrained twin"
+    p = names.add_parser("step", help=what, description=what)
     p.add_argument("--model", default="lipnext_l8w128")
     p.add_argument("--depth", type=int, help="number of blocks (default: the model's)")
     p.add_argument("--batch", type=int, nargs="+", default=[128])

@@ -65,6 +65,7 @@ def unregister_kernel(op: str, device_type: str) -> None:
 
 def kernel_for(op: str, device_type: str) -> Callable[..., torch.Tensor]:
     """What a call of ``op`` on ``device_type`` runs: its kernel, or the reference."""
+    _check(op)
     kernel = _KERNELS[op].get(device_type) if _ENABLED[0] else None
     return kernel or OPS[op]
 
