@@ -206,3 +206,10 @@ def test_baselines_runs_only_commands_that_lipnext_bench_accepts():
         assert len(cmds) == (3 if quick else 5) and cmds[-1][:2] == ["bench", "--race"]
         for cmd in cmds:
             assert build_parser().parse_args(cmd).func.__name__ == "run"
+
+
+def test_bench_device_errors_name_the_option(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert main(["bench", "exp", "--device", "cuda", "--sizes", "4", "--step-sizes", "4"]) == 2
+    assert "--device cuda was asked for but no CUDA GPU is available" in capsys.readouterr().err

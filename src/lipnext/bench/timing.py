@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..engine.distributed import resolve_device
+from ..engine import distributed
 
 __all__ = ["resolve_device", "synchronize", "time_calls", "interleaved_calls", "rss_bytes",
            "peak_rss_bytes", "peak_tflops", "median", "BF16_PEAK_TFLOPS"]
@@ -36,6 +36,16 @@ BF16_PEAK_TFLOPS = {
     "L40S": 362.0,
     "L4": 121.0,
 }
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``engine.distributed.resolve_device`` ('auto': the GPU if there is one), with the error
+    in the words of the benchmarks' ``--device`` option."""
+    try:
+        return distributed.resolve_device(name)
+    except ValueError:
+        raise ValueError(f"--device {name} was asked for but no CUDA GPU is available; "
+                         "use --device cpu or auto") from None
 
 
 def synchronize(device: torch.device) -> None:
