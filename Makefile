@@ -32,7 +32,7 @@ test-quick: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow and not distributed" --durations=10
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_step.py
+	$(BIN)/lipnext bench step
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

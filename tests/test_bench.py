@@ -135,3 +135,81 @@ def test_rows_are_written_as_they_are_measured(tmp_path, monkeypatch):
     data = json.loads((tmp_path / "bench.json").read_text())
     assert data["complete"] is False and [r["model"] for r in data["results"]] == ["lipnext_l4w64"]
     assert "lipnext_l4w64" in (tmp_path / "bench.md").read_text()
+
+
+def test_step_twin_has_lipnext_shapes_and_cli_reports_both(tmp_path, capsys):
+    from lipnext.bench.step import Twin
+    from lipnext.models import create_model
+    model = create_model("lipnext_l4w64", image_size=8)
+    twin = Twin(model)
+    x = torch.rand(2, 3, 8, 8)
+    assert twin(x).shape == model(x).shape == (2, 10)
+    assert [tuple(b.a.weight.shape) for b in twin.blocks] == [(64, 64)] * 4
+    out = tmp_path / "step.json"
+    assert main(["bench", "step", "--model", "lipnext_l4w64", "--batch", "2", "--image-size", "8",
+                 "--repeats", "1", "--lipschitz-every", "1", "4", "--exp-sizes", "8",
+                 "--exp-norms", "0.5", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| lipnext_l4w64 (4 blocks) | 2 | 32 | 4 |" in table and "| 8 | 0.5 |" in table
+    data = json.loads(out.read_text())
+    row = data["steps"][0]
+    assert row["tokens_per_call"] == 32 and len(row["times_s"]["twin"]) == 1
+    # the cadence-4 step removes 3/4 of the bound, measured in the same run
+    assert row["lipnext_step_ms"]["4"] == pytest.approx(row["lipnext_step_ms"]["1"] - 0.75 * row["bound_ms"])
+
+
+def test_exp_plans_count_products_and_cli_runs(capsys):
+    from lipnext.bench.exp import plan_table
+    rows = plan_table([64])
+    assert [r["regime"] for r in rows][0] == "first step"
+    for r in rows:
+        extra = 1 if r["regime"].startswith("Lookahead") else 2
+        assert r["step_products"] == r["exp_products"] + extra
+    assert main(["bench", "exp", "--sizes", "8", "--norms", "0.5", "--step-sizes", "8", "--stack", "2",
+                 "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| fast_exp | 8 |" in out and "| ManifoldAdam.step | 8 | 2 matrices stacked |" in out
+
+
+def test_scale_counts_the_optimizer_state_and_plans_per_rank():
+    from lipnext.bench.scale import full_width, plan
+    fw = full_width(16, 1)
+    # X, G, NAdam's two moments, Lookahead's slow weights and step sum (6 fp32 per parameter),
+    # and two fp32 scalars (step, mu_product) for the 16 x 16 matrix
+    assert fw["persistent_bytes_per_param"] == 24.0 + 8 / 256 and fw["flops_per_matrix"] > 0
+    one = plan("m", 2, fw, 1, "replicated", "fp32")
+    fsdp = plan("m", 2, fw, 4, "fsdp", "fp32")
+    assert one["persistent_B_per_param"] == 24.0 and fsdp["persistent_B_per_param"] == 6.0
+    assert fsdp["flops"] == pytest.approx(one["flops"] * 2 / 5)       # ceil(5 / 4) of 5 matrices
+
+
+@pytest.mark.distributed
+def test_fsdp_memory_halves_per_rank_and_keeps_the_weights(tmp_path):
+    from lipnext.bench.fsdp_memory import run_fsdp_memory
+    out = tmp_path / "fsdp.json"
+    table = run_fsdp_memory("lipnext_l4w64", worlds=[2], batch=4, json_path=out)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["strategy"], r["world"], r["rank"]) for r in rows] == [("none", 1, 0), ("fsdp", 2, 0), ("fsdp", 2, 1)]
+    for r in rows[1:]:
+        assert r["weights_bytes"] == pytest.approx(rows[0]["weights_bytes"] / 2, rel=0.05)
+        assert r["max_weight_diff"] < 1e-5
+    assert "fsdp  2    1" in table
+    with pytest.raises(ValueError, match="divisible"):
+        run_fsdp_memory("lipnext_l4w64", worlds=[3], batch=4)
+
+
+def test_baselines_runs_only_commands_that_lipnext_bench_accepts():
+    from lipnext.bench.baselines import commands
+    from lipnext.cli import build_parser
+    for quick in (True, False):
+        cmds = commands("runs/x", quick, race=True)
+        assert len(cmds) == (3 if quick else 5) and cmds[-1][:2] == ["bench", "--race"]
+        for cmd in cmds:
+            assert build_parser().parse_args(cmd).func.__name__ == "run"
+
+
+def test_bench_device_errors_name_the_option(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert main(["bench", "exp", "--device", "cuda", "--sizes", "4", "--step-sizes", "4"]) == 2
+    assert "--device cuda was asked for but no CUDA GPU is available" in capsys.readouterr().err

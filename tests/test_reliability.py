@@ -107,6 +107,13 @@ def test_every_loader_refuses_crafted_pickles(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- damaged or foreign weights
+def _config_set(**items):
+    """A metadata edit that sets ``items`` in the saved model config."""
+    def edit(m):
+        m["config"] = json.dumps({**json.loads(m["config"]), **items})
+    return edit
+
+
 def _rewrite(src, dst, meta_fn=None, tensor_fn=None):
     with safe_open(str(src), framework="pt") as fh:
         meta = dict(fh.metadata())
@@ -136,20 +143,12 @@ def test_damaged_and_foreign_weights_give_one_line_errors(tmp_path, capsys):
     _rewrite(good, tmp_path / "arch.safetensors", lambda m: m.update(arch="resnet"))
     cases["arch.safetensors"] = "unknown architecture"
 
-    def future_key(m):
-        c = json.loads(m["config"])
-        c["gamma"] = 2
-        m["config"] = json.dumps(c)
-    _rewrite(good, tmp_path / "newkey.safetensors", future_key)
+    _rewrite(good, tmp_path / "newkey.safetensors", _config_set(gamma=2))
     cases["newkey.safetensors"] = "another lipnext version"
     _rewrite(good, tmp_path / "badjson.safetensors", lambda m: m.update(config="{not json"))
     cases["badjson.safetensors"] = "damaged lipnext header"
 
-    def other_width(m):
-        c = json.loads(m["config"])
-        c["width"] = 32
-        m["config"] = json.dumps(c)
-    _rewrite(good, tmp_path / "othermodel.safetensors", other_width)
+    _rewrite(good, tmp_path / "othermodel.safetensors", _config_set(width=32))
     cases["othermodel.safetensors"] = "does not match"
     _rewrite(good, tmp_path / "nan.safetensors",
              tensor_fn=lambda t: t["blocks.0.R"].__setitem__((0, 0), float("nan")))

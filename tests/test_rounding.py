@@ -180,3 +180,22 @@ def test_absurd_input_magnitudes_never_give_a_nan_certificate():
     assert (c.radius >= 0).all()
     with pytest.raises(ValueError, match="overflowed"):
         lipnext.certify(m, torch.full((1, 1, 8, 8), 1e200, dtype=torch.float64), torch.tensor([0]))
+
+
+@pytest.mark.parametrize("kw", [dict(pos_encoding="shared"), dict(pos_encoding="none"),
+                                dict(padding="zero"), dict(activation="minmax")])
+def test_float64_twin_covers_the_ablation_switches(kw):
+    """The twin of every ablation variant computes the model's trunk (a shared p is added in
+    every block, no p at all with pos_encoding none)."""
+    m = lipnext.create_model("lipnext_l4w64", num_classes=4, in_chans=1, image_size=8, patch_size=2,
+                             depth=2, width=16, seed=0, **kw).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if not isinstance(p, lipnext.nn.OrthogonalParameter):
+                p.normal_(0, 0.3)          # nonzero p and biases, so that a missing one shows
+    x = torch.rand(6, 1, 8, 8)
+    with torch.no_grad():
+        f = float64_twin(m).forward_features(x)
+        f32 = m.forward_features(x).double()
+    assert ((f - f32).norm(dim=1) / f.norm(dim=1)).max().item() < 1e-5
+    assert lipnext.certify(m, x, torch.randint(0, 4, (6,))).radius.shape == (6,)

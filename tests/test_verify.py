@@ -432,3 +432,14 @@ def test_tightness_has_every_key_when_no_point_was_broken():
     assert all(t[k] is None for k in ("min", "q05", "q25", "median", "q75", "q95", "max"))
     t = tightness(cert, torch.tensor([0.6, 0.9, math.inf], dtype=torch.float64), torch.arange(n))
     assert t["points"] == 2 and t["min"] == pytest.approx(1.2) and t["max"] == pytest.approx(1.8)
+
+
+def test_empirical_lipschitz_reevaluates_by_the_float64_twin():
+    """The best pairs are re-evaluated by the float64 twin (no deep copy of the model), and
+    the model comes back in its training mode with its gradient flags."""
+    m = lipnext.create_model("lipnext_l4w64", num_classes=4, in_chans=1, image_size=8, patch_size=2,
+                             depth=2, width=16, seed=0).train()
+    flags = [p.requires_grad for p in m.parameters()]
+    res = empirical_lipschitz(m, torch.rand(4, 1, 8, 8), steps=5, restarts=2)
+    assert res.passed and res.details["reevaluated_by"] == "float64 twin"
+    assert m.training and [p.requires_grad for p in m.parameters()] == flags

@@ -33,11 +33,12 @@ import torch
 
 from .bounds import distance_upper, gamma, operator_norm_bound, pairwise_distances
 from .models.base import CertifiableModel, check_images
+from .nn.modes import evaluating
+from .options import RULES
 from .rounding import UP, U64, Float64Twin, propagate
 
 __all__ = ["Certificate", "RoundingBound", "certify", "certified_radius", "standard_numerics", "RULES"]
 
-RULES = ("pairwise", "sqrt2")
 _DOWN = 1.0 - 1e-12   # covers the rounding of the radius formula itself (a few float64 operations)
 
 
@@ -221,34 +222,29 @@ def certify(model: CertifiableModel, x: torch.Tensor, y: torch.Tensor, rule: str
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     y = _check_labels(y, x.shape[0] if x.dim() else 0, model.num_classes)
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     certs = []
-    try:
-        with standard_numerics(model):
-            lip = model.lipschitz_bound() if lipschitz is None else float(lipschitz)
-            if rounding_guard and twin is None:
-                twin = Float64Twin(model)
-            elif not rounding_guard:
-                twin = None
-            validate = isinstance(model, CertifiableModel) and getattr(model, "validate_inputs", True)
-            for i in range(0, max(x.shape[0], 1), batch_size):
-                yb = y[i:i + batch_size]
-                if twin is None:
-                    f = model.forward_features(x[i:i + batch_size].to(device, torch.float32)).float()
-                    z = model.forward_head(f.double())
-                    certs.append(certified_radius(z, yb, model.head_weight(), lip, rule))
-                    continue
-                xb = x[i:i + batch_size].to(device, torch.float64)
-                if validate:
-                    check_images(xb, model.in_chans, model.image_size)
-                f, a, b, lip_f = propagate(twin.steps, xb)
-                z = twin.forward_head(f)
-                _finite(z, a, b, x=xb)
-                rb = RoundingBound(a, b, lip_f, f.norm(dim=1) * UP, twin.bias)
-                certs.append(certified_radius(z, yb, twin.weight, lip, rule, rb))
-            del twin
-    finally:
-        model.train(was_training)
+    with evaluating(model), standard_numerics(model):
+        lip = model.lipschitz_bound() if lipschitz is None else float(lipschitz)
+        if rounding_guard and twin is None:
+            twin = Float64Twin(model)
+        elif not rounding_guard:
+            twin = None
+        validate = isinstance(model, CertifiableModel) and getattr(model, "validate_inputs", True)
+        for i in range(0, max(x.shape[0], 1), batch_size):
+            yb = y[i:i + batch_size]
+            if twin is None:
+                f = model.forward_features(x[i:i + batch_size].to(device, torch.float32)).float()
+                z = model.forward_head(f.double())
+                certs.append(certified_radius(z, yb, model.head_weight(), lip, rule))
+                continue
+            xb = x[i:i + batch_size].to(device, torch.float64)
+            if validate:
+                check_images(xb, model.in_chans, model.image_size)
+            f, a, b, lip_f = propagate(twin.steps, xb)
+            z = twin.forward_head(f)
+            _finite(z, a, b, x=xb)
+            rb = RoundingBound(a, b, lip_f, f.norm(dim=1) * UP, twin.bias)
+            certs.append(certified_radius(z, yb, twin.weight, lip, rule, rb))
+        del twin
     return Certificate.cat(certs)

@@ -16,6 +16,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .options import RULES, SPLITS
+
 __all__ = ["Config", "DataConfig", "AugmentConfig", "ModelConfig", "OptimConfig", "LossConfig",
            "TrainConfig", "CertifyConfig", "DistConfig", "load_config", "to_yaml", "config_from_dict",
            "dataset_options", "warmup_epochs", "resolve_config_path", "packaged_configs"]
@@ -133,16 +135,22 @@ class Config:
 
 
 _CHOICES = {"loss.name": ("emma", "margin", "ce"), "train.precision": ("auto", "bf16", "fp32"),
-            "train.retraction": ("auto", "svd", "newton_schulz", "none"),
-            "optim.update": ("fast_exp", "exact", "cayley"),
-            "optim.precision": ("auto", "fp32", "fp64", "tf32", "bf16"), "train.on_nan": ("stop", "rollback"),
-            "certify.rule": ("pairwise", "sqrt2"), "certify.split": ("train", "val", "test", "none"),
-            "dist.strategy": ("auto", "none", "ddp", "fsdp"),
+            "train.on_nan": ("stop", "rollback"), "certify.rule": RULES,
+            "certify.split": (*SPLITS, "none"), "dist.strategy": ("auto", "none", "ddp", "fsdp"),
             "dist.backend": ("auto", "nccl", "gloo"), "augment.pad_mode": ("reflect", "zeros")}
 
 
+def _choices() -> dict[str, tuple[str, ...]]:
+    """Every key's allowed values; the optimizer's lists come from lipnext.optim (torch)."""
+    from .optim.exp_update import METHODS as UPDATES
+    from .optim.polar import METHODS as RETRACTIONS
+    from .optim.precision import PRECISIONS
+    return {**_CHOICES, "train.retraction": (*RETRACTIONS, "none"), "optim.update": UPDATES,
+            "optim.precision": PRECISIONS}
+
+
 def _check(cfg: Config) -> Config:
-    for key, choices in _CHOICES.items():
+    for key, choices in _choices().items():
         value = OmegaConf.select(cfg, key)
         if value not in choices:
             raise ValueError(f"config {key}={value!r}: choose one of {', '.join(choices)}")

@@ -28,10 +28,13 @@ import torch
 from torch import nn
 
 from .bounds import gamma, residual_conv_norm_bound, spectral_norm_bound
+from .nn.modes import evaluating
+from .ops.patchify import patchify
+from .ops.registry import reference_only
 
-__all__ = ["Step", "Float64Twin", "float64_twin", "trunk_program", "propagate", "linear",
-           "translate", "scale", "exact", "l2_pool", "residual_conv", "bro_conv", "U64", "UP",
-           "FFT_CONSTANT"]
+__all__ = ["Step", "Float64Twin", "float64_twin", "float64_twin_or_none", "trunk_program", "propagate",
+           "linear", "translate", "scale", "exact", "l2_pool", "residual_conv", "bro_conv", "U64",
+           "UP", "FFT_CONSTANT"]
 
 U64 = 2.0 ** -53
 # Multiplies every norm and every bound computed in float64 from nonnegative terms: such a
@@ -138,6 +141,14 @@ def bro_conv(spectrum: torch.Tensor, grid: tuple[int, int], lip: float) -> Step:
     return Step("bro_conv", fn, lip * UP, kin=kin)
 
 
+def _positional(enc: nn.Module) -> torch.Tensor | None:
+    """The p that a block's positional encoding adds: its own, the shared one, or None."""
+    from .nn.stem import PositionalEncoding, SharedPositionalEncoding
+    if isinstance(enc, SharedPositionalEncoding):
+        enc = enc._owner[0]
+    return enc.pos if isinstance(enc, PositionalEncoding) else None
+
+
 def _lipnext_program(m) -> list[Step]:
     stem = m.stem
     hw, p, c = m.image_size, m.patch_size, m.cfg.width
@@ -145,17 +156,12 @@ def _lipnext_program(m) -> list[Step]:
     steps = [translate(-stem.mean, m.in_chans * hw[0] * hw[1], "stem.mean")]
     if stem.inv_std is not None:
         steps.append(scale(stem.inv_std, name="stem.inv_std"))
-
-    def patches(x: torch.Tensor) -> torch.Tensor:
-        b = x.shape[0]
-        x = x.reshape(b, m.in_chans, hw[0] // p, p, hw[1] // p, p).permute(0, 2, 4, 1, 3, 5)
-        return x.reshape(b, hw[0] // p, hw[1] // p, stem.patch_dim)
-
-    steps += [exact(patches, "patchify"), linear(stem.matrix(), "stem")]
+    steps += [exact(lambda x: patchify(x, p), "patchify"), linear(stem.matrix(), "stem")]
     for i, blk in enumerate(m.blocks):
         r = blk.R.detach().to(torch.float64)   # one float64 copy for R and its transpose (a view)
-        steps += [translate(blk.pos.pos, tokens * c, f"blocks.{i}.pos"),
-                  linear(r, f"blocks.{i}.R"), exact(blk.shift, f"blocks.{i}.shift"),
+        pos = _positional(blk.pos)
+        steps += [translate(pos, tokens * c, f"blocks.{i}.pos")] if pos is not None else []
+        steps += [linear(r, f"blocks.{i}.R"), exact(blk.shift, f"blocks.{i}.shift"),
                   linear(r.mT, f"blocks.{i}.R^T"), linear(blk.M, f"blocks.{i}.M"),
                   translate(blk.bias, tokens * c, f"blocks.{i}.bias"),
                   exact(blk.act, f"blocks.{i}.act")]
@@ -163,7 +169,6 @@ def _lipnext_program(m) -> list[Step]:
 
 
 def _conv_trunk_program(m, block_steps: Callable[[int, nn.Module], list[Step]]) -> list[Step]:
-    from .nn.minmax import patchify
     hw, p, c = m.image_size, m.patch_size, m.cfg.width
     tokens = (hw[0] // p) * (hw[1] // p)
     steps = [translate(-m.mean, m.in_chans * hw[0] * hw[1], "mean"),
@@ -223,12 +228,13 @@ def propagate(steps: list[Step], x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     a = torch.zeros(n, dtype=torch.float64, device=h.device)
     b = torch.zeros_like(a)
     lip = 1.0
-    for step in steps:
-        norm = h.flatten(1).norm(dim=1) * UP
-        a, b = (step.lip * a + step.kin * (norm + 2 * a) + step.kc,
-                step.lip * b + step.kin * (lip + 2 * b))
-        lip *= step.lip
-        h = step.fn(h)
+    with reference_only():                   # the arithmetic the rounding bounds describe
+        for step in steps:
+            norm = h.flatten(1).norm(dim=1) * UP
+            a, b = (step.lip * a + step.kin * (norm + 2 * a) + step.kc,
+                    step.lip * b + step.kin * (lip + 2 * b))
+            lip *= step.lip
+            h = step.fn(h)
     return h, a * UP, b * UP, lip
 
 
@@ -244,8 +250,9 @@ class Float64Twin(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         h = x.to(torch.float64)
-        for step in self.steps:
-            h = step.fn(h)
+        with reference_only():               # the arithmetic the rounding bounds describe
+            for step in self.steps:
+                h = step.fn(h)
         return h
 
     def forward_head(self, f: torch.Tensor) -> torch.Tensor:
@@ -260,10 +267,13 @@ def float64_twin(model) -> Float64Twin:
     """The float64 twin of ``model`` (eval mode, autocast off): the predictions it computes
     are the ones a certificate of ``lipnext.certify`` covers, with the exact model's."""
     from .certify import standard_numerics
-    was_training = model.training
-    model.eval()
+    with evaluating(model), standard_numerics(model):
+        return Float64Twin(model)
+
+
+def float64_twin_or_none(model) -> Float64Twin | None:
+    """``float64_twin(model)``, or None for a model without a float64 rounding program."""
     try:
-        with standard_numerics(model):
-            return Float64Twin(model)
-    finally:
-        model.train(was_training)
+        return float64_twin(model)
+    except TypeError:
+        return None

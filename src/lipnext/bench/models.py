@@ -17,7 +17,6 @@ LiResNet-style models the count is a lower bound on the work done.
 from __future__ import annotations
 
 import gc
-import json
 import multiprocessing as mp
 import time
 from collections.abc import Callable, Sequence
@@ -32,8 +31,9 @@ from ..io import atomic_write
 from ..losses import emma_loss
 from ..models import create_model
 from ..optim import build_optimizer
-from .timing import median, peak_rss_bytes, peak_tflops, resolve_device, rss_bytes, synchronize, \
-    time_calls
+from .results import run_facts, write_results
+from .timing import (median, peak_rss_bytes, peak_tflops, resolve_device, rss_bytes, synchronize,
+                     time_calls)
 
 __all__ = ["measure_model", "run_model_bench", "bench_table"]
 
@@ -153,16 +153,11 @@ def run_model_bench(models: Sequence[str], out_dir: str | Path, batch: int = 128
     ctx = mp.get_context("spawn")
     results: list[dict[str, Any]] = []
     out = Path(out_dir)
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
-            "steps": steps, "warmup": warmup}
+    facts = run_facts(steps=steps, warmup=warmup)
 
     def write(complete: bool) -> str:
         add_ratios(results)
-        md = bench_table(results)
-        payload = json.dumps({**meta, "complete": complete, "results": results}, indent=2)
-        atomic_write(out / "bench.json", lambda p: Path(p).write_text(payload))
-        atomic_write(out / "bench.md", lambda p: Path(p).write_text(md))
-        return md
+        return write_results(out, "bench", facts, results, bench_table(results), complete)
 
     for d in dtypes:
         for m in models:

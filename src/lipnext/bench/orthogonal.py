@@ -22,8 +22,6 @@ as skipped, not silently dropped.
 from __future__ import annotations
 
 import importlib
-import json
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -34,6 +32,7 @@ from torch import nn
 from ..io import atomic_write
 from ..nn import OrthogonalParameter, random_orthogonal
 from ..optim import ManifoldAdam, fast_exp
+from .results import run_facts, write_results
 from .timing import median, resolve_device, time_calls
 
 __all__ = ["METHODS", "Method", "orthogonal_step", "run_orthogonal"]
@@ -157,20 +156,14 @@ def run_orthogonal(sizes: Sequence[int], out_dir: str | Path, methods: Sequence[
     if min(sizes) < 2:
         raise ValueError(f"sizes must be >= 2, got {list(sizes)}")
     rows: list[dict[str, Any]] = []
-    out = Path(out_dir)
-    meta = {"device": str(dev), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "steps": steps, "warmup": warmup, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    facts = run_facts(device=str(dev), threads=torch.get_num_threads(), steps=steps, warmup=warmup)
 
     def write(complete: bool) -> str:
         ref = {r["C"]: r["seconds"] for r in rows if r["method"] == "lipnext_manifold_adam" and "seconds" in r}
         for r in rows:
             if "seconds" in r and r["C"] in ref:
                 r["x_lipnext"] = r["seconds"] / ref[r["C"]]
-        md = orthogonal_table(rows, sizes)
-        payload = json.dumps({**meta, "complete": complete, "results": rows}, indent=2)
-        atomic_write(out / "orthogonal.json", lambda p: Path(p).write_text(payload))
-        atomic_write(out / "orthogonal.md", lambda p: Path(p).write_text(md))
-        return md
+        return write_results(out_dir, "orthogonal", facts, rows, orthogonal_table(rows, sizes), complete)
 
     for c in sizes:
         for m in methods:
@@ -185,7 +178,7 @@ def run_orthogonal(sizes: Sequence[int], out_dir: str | Path, methods: Sequence[
             log(f"{m} C={c}: {1e3 * median(times):.2f} ms")
             write(complete=False)
     md = write(complete=True)
-    _plot(rows, sizes, out / "orthogonal.png")
+    _plot(rows, sizes, Path(out_dir) / "orthogonal.png")
     return md
 
 

@@ -19,8 +19,10 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["resolve_device", "synchronize", "time_calls", "rss_bytes", "peak_rss_bytes",
-           "peak_tflops", "median", "BF16_PEAK_TFLOPS"]
+from ..engine import distributed
+
+__all__ = ["resolve_device", "synchronize", "time_calls", "interleaved_calls", "rss_bytes",
+           "peak_rss_bytes", "peak_tflops", "median", "BF16_PEAK_TFLOPS"]
 
 # Dense bf16 peaks (TFLOP/s, without sparsity) from the vendors' datasheets, matched
 # against torch.cuda.get_device_name; MFU is reported only for these or --peak-tflops.
@@ -37,12 +39,13 @@ BF16_PEAK_TFLOPS = {
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-    return dev
+    """``engine.distributed.resolve_device`` ('auto': the GPU if there is one), with the error
+    in the words of the benchmarks' ``--device`` option."""
+    try:
+        return distributed.resolve_device(name)
+    except ValueError:
+        raise ValueError(f"--device {name} was asked for but no CUDA GPU is available; "
+                         "use --device cpu or auto") from None
 
 
 def synchronize(device: torch.device) -> None:
@@ -61,6 +64,23 @@ def time_calls(fn: Callable[[], object], steps: int, warmup: int, device: torch.
         fn()
         synchronize(device)
         times.append(time.perf_counter() - t0)
+    return times
+
+
+def interleaved_calls(fns: dict[str, Callable[[], object]], repeats: int,
+                      device: torch.device = torch.device("cpu")) -> dict[str, list[float]]:
+    """Seconds of each fn, called in turn (A B A B ...) after one warm-up call each, so that
+    all see the same machine load."""
+    for fn in fns.values():
+        fn()
+    synchronize(device)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            synchronize(device)
+            times[k].append(time.perf_counter() - t0)
     return times
 
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..options import RULES, SPLITS
+
 DEFAULT_RADII, DEFAULT_UNIT = [36.0, 72.0, 108.0, 255.0], 255.0
 
 
@@ -18,6 +20,27 @@ class Target:
     data: str
     radii: list[float]
     unit: float
+
+
+def add_target_arguments(p: argparse.ArgumentParser, batch_size: int) -> None:
+    """The options `lipnext certify` and `lipnext verify` share: the model, the data split,
+    the radii, the rule, the batch size and the device."""
+    p.add_argument("model", help="run folder, checkpoint folder or .safetensors weights")
+    p.add_argument("--data", default=None, help="dataset spec: digits, npz:<file>, <file>.npz, "
+                   "cifar10:<dir>, cifar100:<dir>, tiny-imagenet:<dir>")
+    p.add_argument("--split", default="test", choices=SPLITS)
+    p.add_argument("--holdout", type=int, default=None, help="digits/npz: last N images are the test split")
+    p.add_argument("--val-fraction", type=float, default=None)
+    p.add_argument("--limit", type=int, default=None, help="use only the first N images of the split")
+    p.add_argument("--radii", type=float, nargs="+", default=None,
+                   help="radii in units of 1/--radius-unit (default: the run's certify.radii, else "
+                   + " ".join(f"{r:g}" for r in DEFAULT_RADII) + ")")
+    p.add_argument("--radius-unit", type=float, default=None,
+                   help=f"radii are divided by this (default: the run's certify.radius_unit, else "
+                   f"{DEFAULT_UNIT:g}; 1 = plain radii)")
+    p.add_argument("--rule", default="pairwise", choices=RULES, help="certificate rule (default pairwise)")
+    p.add_argument("--batch-size", type=int, default=batch_size, help=f"default {batch_size}")
+    p.add_argument("--device", default="cpu")
 
 
 def load_target(args: argparse.Namespace, verb: str) -> Target:

@@ -4,27 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from ._target import load_target
+from ._target import add_target_arguments, load_target
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("certify", help="certify a saved model on a dataset split",
                        description="Clean accuracy and certified robust accuracy (CRA) of a "
                        "saved model. Without --data, a run folder's own config.yaml names the data.")
-    p.add_argument("model", help="run folder, checkpoint folder or .safetensors weights")
-    p.add_argument("--data", default=None, help="dataset spec: digits, npz:<file>, <file>.npz, "
-                   "cifar10:<dir>, cifar100:<dir>, tiny-imagenet:<dir>")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--holdout", type=int, default=None, help="digits/npz: last N images are the test split")
-    p.add_argument("--val-fraction", type=float, default=None)
-    p.add_argument("--radii", type=float, nargs="+", default=None,
-                   help="radii in units of 1/--radius-unit (default: the run's, else 36 72 108 255)")
-    p.add_argument("--radius-unit", type=float, default=None,
-                   help="radii are divided by this (default: the run's, else 255; 1 = plain radii)")
-    p.add_argument("--rule", default="pairwise", choices=["pairwise", "sqrt2"])
-    p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--limit", type=int, default=None, help="certify only the first N images")
-    p.add_argument("--device", default="cpu")
+    add_target_arguments(p, batch_size=512)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--plot", default=None, help="save the certified-accuracy curve here (.png)")
     p.set_defaults(func=run)

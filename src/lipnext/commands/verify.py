@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._target import load_target
+from ._target import add_target_arguments, load_target
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -20,13 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        "and FAB), and the tightness (closest adversarial / certified radius), (d) the float64 "
                        "twin and its rounding bound. Exit code 1 when any check fails. Without --data, a run folder's "
                        "config.yaml names the data.")
-    p.add_argument("model", help="run folder or .safetensors weights")
-    p.add_argument("--data", default=None, help="dataset spec: digits, npz:<file>, <file>.npz, "
-                   "cifar10:<dir>, cifar100:<dir>, tiny-imagenet:<dir>")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--holdout", type=int, default=None, help="digits/npz: last N images are the test split")
-    p.add_argument("--val-fraction", type=float, default=None)
-    p.add_argument("--limit", type=int, default=None, help="use only the first N images of the split")
+    add_target_arguments(p, batch_size=256)
     p.add_argument("--budget", default="100",
                    help="attack budget: N points (the first N images), Ns seconds (e.g. 120s: attacks stop "
                    "starting new batches after that long), or all (default 100 points: a first result fast)")
@@ -36,12 +30,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="torchattacks APGD-CE/DLR and FAB in addition to PGD and DDN: auto (when installed), "
                    "yes (required), no")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--radii", type=float, nargs="+", default=None,
-                   help="radii (in units of 1/--radius-unit) for CRA and the empirical robust accuracy "
-                   "(default: the run's certify.radii, else 36 72 108)")
-    p.add_argument("--radius-unit", type=float, default=None,
-                   help="radii are divided by this (default: the run's certify.radius_unit, else 255)")
-    p.add_argument("--rule", default="pairwise", choices=["pairwise", "sqrt2"])
     p.add_argument("--steps", type=int, default=100, help="PGD steps (default 100)")
     p.add_argument("--restarts", type=int, default=5, help="PGD restarts (default 5)")
     p.add_argument("--ddn-steps", type=int, default=200, help="DDN minimum-norm attack steps")
@@ -55,9 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--radius-scale", type=float, default=1.0,
                    help="attack within this multiple of each certified radius (default 1: at the radius)")
     p.add_argument("--ortho-tol", type=float, default=1e-4, help="max |X^T X - I| allowed")
-    p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None,
                    help="folder for verify.json and verify.md (default: the run folder, or next to the weights)")
     p.set_defaults(func=run)

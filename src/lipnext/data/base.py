@@ -19,10 +19,11 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from ..options import SPLITS
+
 __all__ = ["ArrayDataset", "BatchSource", "SPLITS", "split_indices", "check_labels", "check_split",
            "unit_pixels"]
 
-SPLITS = ("train", "val", "test")
 VAL_SEED = 0  # the validation carve-out never depends on the training seed
 
 

@@ -17,7 +17,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..nn import L2Pool, MinMax, NormalizedLinear, patchify
+from ..nn import L2Pool, MinMax, NormalizedLinear
+from ..ops import patchify
 from .base import CertifiableConfig, CertifiableModel, check_images
 
 __all__ = ["ConvTrunkConfig", "ConvTrunkModel"]

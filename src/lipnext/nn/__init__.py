@@ -9,7 +9,7 @@ from .bro import BROConv2d, BROLinear, block_reflector
 from .cholesky import CholeskyLinear, cholesky_orthogonal
 from .circular import circular_conv2d, circular_conv2d_adjoint, power_iteration_residual_conv
 from .head import NormalizedLinear
-from .minmax import MinMax, patchify
+from .minmax import MinMax
 from .orthogonal import OrthogonalParameter, is_orthogonal, orthogonality_error, random_orthogonal
 from .pool import L2Pool
 from .shift import SpatialShift, spatial_shift
@@ -19,6 +19,6 @@ __all__ = [
     "BROConv2d", "BROLinear", "BetaAbs", "CholeskyLinear", "L2Pool", "MinMax", "NormalizedLinear",
     "OrthogonalParameter", "OrthogonalPatchStem", "PositionalEncoding", "SpatialShift",
     "block_reflector", "cholesky_orthogonal", "circular_conv2d", "circular_conv2d_adjoint",
-    "is_orthogonal", "orthogonality_error", "patchify", "power_iteration_residual_conv",
+    "is_orthogonal", "orthogonality_error", "power_iteration_residual_conv",
     "random_orthogonal", "spatial_shift",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..ops.beta_abs import beta_abs
 from .minmax import MinMax
 
 __all__ = ["ACTIVATIONS", "BetaAbs", "make_activation"]
@@ -30,13 +31,7 @@ class BetaAbs(nn.Module):
         self.num_abs = int(round(beta * channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k = self.num_abs
-        if k == 0:
-            return x
-        if k == x.shape[-1]:
-            return x.abs()
-        a, rest = torch.split(x, [k, x.shape[-1] - k], dim=-1)
-        return torch.cat([a.abs(), rest], dim=-1)
+        return beta_abs(x, self.num_abs)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, beta={self.beta}"

@@ -1,16 +1,15 @@
-"""MinMax activation and non-overlapping patch extraction for convolutional baselines.
+"""MinMax activation (GroupSort of size 2) along a channel dimension.
 
-MinMax (GroupSort of size 2) along a channel dimension (1 for channels-first tensors,
--1 for LipNeXt's channels-last tokens): the channels are split into halves (a, b) and
-mapped to (max(a, b), min(a, b)), a 1-Lipschitz, norm-preserving sorting of each pair. ``patchify`` reorders pixels into non-overlapping p x p patches,
-a permutation, hence an isometry.
+1 for channels-first tensors, -1 for LipNeXt's channels-last tokens: the channels are
+split into halves (a, b) and mapped to (max(a, b), min(a, b)), a 1-Lipschitz,
+norm-preserving sorting of each pair.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-__all__ = ["MinMax", "patchify"]
+__all__ = ["MinMax"]
 
 
 class MinMax(nn.Module):
@@ -23,10 +22,3 @@ class MinMax(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = x.chunk(2, dim=self.dim)
         return torch.cat([torch.maximum(a, b), torch.minimum(a, b)], dim=self.dim)
-
-
-def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, H/p, W/p, C p^2), each row one flattened p x p patch."""
-    b, c, hh, ww = x.shape
-    x = x.reshape(b, c, hh // p, p, ww // p, p).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, hh // p, ww // p, c * p * p)

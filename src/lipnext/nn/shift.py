@@ -14,37 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..ops.shift import PADDINGS, spatial_shift
+
 __all__ = ["PADDINGS", "SpatialShift", "spatial_shift"]
-
-PADDINGS = ("circular", "zero")
-
-
-def _move(x: torch.Tensor, step: int, dim: int, padding: str) -> torch.Tensor:
-    """out[i] = x[i - step] along ``dim`` (step = +-1): wrapped, or 0 where i - step is off the grid."""
-    if padding == "circular":
-        return torch.roll(x, step, dims=dim)
-    n = x.shape[dim]
-    shape = list(x.shape)
-    shape[dim] = 1
-    zeros = x.new_zeros(shape)
-    if step > 0:
-        return torch.cat([zeros, x.narrow(dim, 0, n - 1)], dim=dim)
-    return torch.cat([x.narrow(dim, 1, n - 1), zeros], dim=dim)
-
-
-def spatial_shift(x: torch.Tensor, group: int, padding: str = "circular") -> torch.Tensor:
-    """Move four channel groups of size ``group`` by +-1 along h and w."""
-    g = group
-    if g == 0:
-        return x
-    up, down, left, right, rest = torch.split(x, [g, g, g, g, x.shape[-1] - 4 * g], dim=-1)
-    return torch.cat([
-        _move(up, -1, -3, padding),
-        _move(down, 1, -3, padding),
-        _move(left, -1, -2, padding),
-        _move(right, 1, -2, padding),
-        rest,
-    ], dim=-1)
 
 
 class SpatialShift(nn.Module):

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..ops.patchify import patchify
 from .orthogonal import OrthogonalParameter, random_orthogonal
 
 __all__ = ["OrthogonalPatchStem", "PositionalEncoding", "SharedPositionalEncoding"]
@@ -48,11 +49,7 @@ class OrthogonalPatchStem(nn.Module):
         x = x - self.mean.to(x.dtype)
         if self.inv_std is not None:
             x = x * self.inv_std.to(x.dtype)
-        b, c, hh, ww = x.shape
-        p = self.patch_size
-        x = x.reshape(b, c, hh // p, p, ww // p, p).permute(0, 2, 4, 1, 3, 5)
-        x = x.reshape(b, hh // p, ww // p, self.patch_dim)
-        return x @ self.matrix().to(x.dtype).mT
+        return patchify(x, self.patch_size) @ self.matrix().to(x.dtype).mT
 
 
 class PositionalEncoding(nn.Module):

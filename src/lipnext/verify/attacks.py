@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from ..certify import Certificate
+from ..nn.modes import evaluating, frozen
+from ..rounding import float64_twin_or_none
 from .library import apgd_attack, fab_attack, library_available
 from .report import CheckResult
 
@@ -56,19 +58,6 @@ def _margin(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return z.scatter(1, y[:, None], -math.inf).amax(1) - z.gather(1, y[:, None]).squeeze(1)
 
 
-def _frozen(model):
-    flags = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return flags
-
-
-def _restore(model, flags, training):
-    for p, f in zip(model.parameters(), flags):
-        p.requires_grad_(f)
-    model.train(training)
-
-
 def pgd_attack(model, x: torch.Tensor, y: torch.Tensor, radius: torch.Tensor | float,
                steps: int = 100, restarts: int = 5, box: bool = True,
                seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,9 +66,7 @@ def pgd_attack(model, x: torch.Tensor, y: torch.Tensor, radius: torch.Tensor | f
     radius = torch.as_tensor(radius, dtype=torch.float32, device=x.device).expand(x.shape[0]).clone()
     gen = torch.Generator(device="cpu").manual_seed(seed)
     x_adv, success = x.clone(), torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-    training, flags = model.training, _frozen(model)
-    model.eval()
-    try:
+    with evaluating(model), frozen(model):
         for restart in range(restarts):
             idx = (~success).nonzero().squeeze(1)
             if idx.numel() == 0:
@@ -107,8 +94,6 @@ def pgd_attack(model, x: torch.Tensor, y: torch.Tensor, radius: torch.Tensor | f
                     g = g / _expand(_norm(g).clamp_min(1e-30), g)
                     delta = _project(xi, delta + alpha * g, ri, box)
             success[idx[found]] = True
-    finally:
-        _restore(model, flags, training)
     return x_adv, success
 
 
@@ -122,9 +107,7 @@ def ddn_attack(model, x: torch.Tensor, y: torch.Tensor, steps: int = 200, init_n
     eps = torch.full((n,), init_norm, device=x.device)
     best = torch.full((n,), math.inf, device=x.device)
     x_adv = x.clone()
-    training, flags = model.training, _frozen(model)
-    model.eval()
-    try:
+    with evaluating(model), frozen(model):
         for t in range(steps + 1):
             delta.requires_grad_(True)
             z = model(x + delta)
@@ -145,20 +128,14 @@ def ddn_attack(model, x: torch.Tensor, y: torch.Tensor, steps: int = 200, init_n
                 delta = delta * _expand(eps / dn.clamp_min(1e-30), delta)
                 if box:
                     delta = (x + delta).clamp(0, 1) - x
-    finally:
-        _restore(model, flags, training)
     return x_adv, best
 
 
 @torch.no_grad()
 def _predict(model, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         return torch.cat([model(x[i:i + batch_size].float()).argmax(1)
                           for i in range(0, x.shape[0], batch_size)])
-    finally:
-        model.train(training)
 
 
 def _batched(fn, batch_size: int, *tensors, bar: "Progress | None" = None):
@@ -204,14 +181,6 @@ class Progress:
             self._bar = None
 
 
-def _twin_or_none(model):
-    from ..rounding import float64_twin
-    try:
-        return float64_twin(model)
-    except TypeError:   # no float64 program: predictions are checked in float32 only
-        return None
-
-
 def attack_certified(model, x: torch.Tensor, y: torch.Tensor, certificate: Certificate,
                      eps: Sequence[float] = (), steps: int = 100, restarts: int = 5,
                      ddn_steps: int = 200, era_restarts: int = 1, box: bool = True,
@@ -241,7 +210,7 @@ def attack_certified(model, x: torch.Tensor, y: torch.Tensor, certificate: Certi
     cert_idx = (certificate.correct.to(device) & (radius > 0)).nonzero().squeeze(1)
     cap = 2 * math.sqrt(dim)  # beyond the diameter of the box; caps infinite radii
     r_att = (radius[cert_idx] * radius_scale).clamp(max=cap)
-    twin = _twin_or_none(model)
+    twin = float64_twin_or_none(model)   # None: predictions are checked in float32 only
     closest = torch.full((x.shape[0],), math.inf, device=device)
     cex, float32_only = [], set()
     attacks_run = ["pgd", "ddn"] + (["apgd-ce", "apgd-dlr", "fab"] if use_lib else [])

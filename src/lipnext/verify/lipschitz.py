@@ -8,7 +8,8 @@
   started at data points (and, every other restart, far out along the rays from the
   data mean) with separations from ``min_dist`` to 1 (one per restart),
   with ||a - b|| kept >= ``min_dist`` so that float32 noise cannot fake a large ratio;
-  the best pairs are re-evaluated with a float64 copy of the model. Any ratio is a
+  the best pairs are re-evaluated in float64 by the model's float64 twin (``lipnext.rounding``,
+  the trunk certification computes; float32 ratios for a model without one). Any ratio is a
   lower bound of Lip(f) (over all of R^n, no box), so it must not exceed
   ``lipschitz_bound()``.
 * Head: certification assumes z = forward_head(f) = W f + b with W = head_weight().
@@ -17,11 +18,13 @@
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
 
+from ..bounds import pairwise_distances
+from ..nn.modes import evaluating, frozen
+from ..rounding import float64_twin_or_none
 from .report import CheckResult
 
 __all__ = ["empirical_lipschitz", "head_check"]
@@ -52,9 +55,6 @@ def empirical_lipschitz(model, x: torch.Tensor, steps: int = 200, restarts: int 
     claimed = float(model.lipschitz_bound())
     device = next(model.parameters()).device
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    was_training = model.training
-    flags = [p.requires_grad for p in model.parameters()]
-    model.eval()
     x = x.to(device, torch.float32)
     n = x.shape[0]
     scales = torch.logspace(torch.log10(torch.tensor(min_dist)).item(), 0.0, max(restarts, 1))
@@ -72,30 +72,29 @@ def empirical_lipschitz(model, x: torch.Tensor, steps: int = 200, restarts: int 
     try:                                                 # no pixel-range warning for it
         if validate is not None:
             model.validate_inputs = False
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for t in range(steps + 1):
-            a.requires_grad_(True)
-            d.requires_grad_(True)
-            r = _ratio(model, a, a + d)
-            ga, gd = torch.autograd.grad(torch.log(r.clamp_min(1e-30)).sum(), [a, d])
-            with torch.no_grad():
-                better = r > best
-                best = torch.where(better, r, best)
-                best_a[better], best_d[better] = a[better], d[better]
-                lr = step_size * 0.5 * (1 + math.cos(math.pi * t / max(steps, 1)))
-                nd = d.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-                a = a + lr * _unit(ga)
-                d = d + lr * nd * _unit(gd)
-                nd = d.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-                d = d * torch.where(nd < min_dist, min_dist / nd.clamp_min(1e-30), 1.0)
-        with torch.no_grad():
-            m64 = copy.deepcopy(model).double()
-            r64 = _ratio(m64, best_a.double(), (best_a + best_d).double())
+        with evaluating(model), frozen(model):
+            for t in range(steps + 1):
+                a.requires_grad_(True)
+                d.requires_grad_(True)
+                r = _ratio(model, a, a + d)
+                ga, gd = torch.autograd.grad(torch.log(r.clamp_min(1e-30)).sum(), [a, d])
+                with torch.no_grad():
+                    better = r > best
+                    best = torch.where(better, r, best)
+                    best_a[better], best_d[better] = a[better], d[better]
+                    lr = step_size * 0.5 * (1 + math.cos(math.pi * t / max(steps, 1)))
+                    nd = d.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+                    a = a + lr * _unit(ga)
+                    d = d + lr * nd * _unit(gd)
+                    nd = d.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+                    d = d * torch.where(nd < min_dist, min_dist / nd.clamp_min(1e-30), 1.0)
+            with torch.no_grad():   # the best pairs again, by the float64 twin if there is one
+                twin = float64_twin_or_none(model)
+                r64 = (_ratio(twin, best_a.double(), (best_a + best_d).double()) if twin is not None
+                       else best.double())
+                by = "float64 twin" if twin is not None else "float32 model (no float64 program)"
+                del twin
     finally:
-        for p, f in zip(model.parameters(), flags):
-            p.requires_grad_(f)
-        model.train(was_training)
         if validate is not None:
             model.validate_inputs = validate
     k = int(r64.argmax())
@@ -104,7 +103,8 @@ def empirical_lipschitz(model, x: torch.Tensor, steps: int = 200, restarts: int 
     details = {"empirical": value, "claimed": claimed, "ratio": value / claimed, "rtol": rtol,
                "steps": steps, "restarts": restarts, "points": n, "min_dist": min_dist,
                "best_per_restart": per_restart, "separations": scales.tolist(),
-               "best_pair_distance": best_d[k].norm().item(), "box": "none (all of R^n)"}
+               "best_pair_distance": best_d[k].norm().item(), "box": "none (all of R^n)",
+               "reevaluated_by": by}
     ok = value <= claimed * (1 + rtol)
     summary = (f"empirical Lip(trunk) >= {value:.6f} vs claimed L = {claimed:.6f} "
                f"(ratio {value / claimed:.4f}; {n} points x {restarts} restarts x {steps} steps)")
@@ -119,9 +119,7 @@ def head_check(model, x: torch.Tensor, num_random: int = 64, rtol: float = 1e-6,
     """forward_head is the affine map with weight head_weight(); forward = head o trunk."""
     device = next(model.parameters()).device
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         x = x.to(device, torch.float32)
         f = model.forward_features(x).double()
         w = model.head_weight().detach().double().to(device)
@@ -138,8 +136,6 @@ def head_check(model, x: torch.Tensor, num_random: int = 64, rtol: float = 1e-6,
         split = model.forward_head(model.forward_features(x).float()).double()
         comp_err = (full - split).abs().max().item()
         comp_scale = full.abs().max().item() + 1e-12
-    finally:
-        model.train(was_training)
     norms = w.norm(dim=1)
     ok_head = head_err <= rtol * head_scale
     ok_comp = comp_err <= 1e-5 * comp_scale
@@ -147,7 +143,7 @@ def head_check(model, x: torch.Tensor, num_random: int = 64, rtol: float = 1e-6,
                "composition_error": comp_err, "composition_rel_error": comp_err / comp_scale,
                "float64_head": dtype_ok, "row_norm_min": norms.min().item(),
                "row_norm_max": norms.max().item(),
-               "max_pair_distance": torch.cdist(w[None], w[None])[0].max().item()}
+               "max_pair_distance": pairwise_distances(w).max().item()}
     problems = []
     if not ok_head:
         problems.append(f"forward_head(f) - forward_head(0) differs from f @ head_weight().T by "

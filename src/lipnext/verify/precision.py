@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from ..certify import Certificate, certified_radius, certify, standard_numerics
+from ..nn.modes import evaluating
 from ..rounding import float64_twin
 from .report import CheckResult
 
@@ -53,15 +54,11 @@ def precision_check(model, x: torch.Tensor, y: torch.Tensor,
                     eps: Sequence[float] = (36 / 255, 72 / 255, 108 / 255),
                     rule: str = "pairwise", batch_size: int = 512) -> CheckResult:
     """Proven (float64 twin + bound) certificates against the formula; fails on any unsafe point."""
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         proven = certify(model, x, y, rule=rule, batch_size=batch_size)
         formula, f64 = certify_float64(model, x, y, rule, batch_size)
         f32 = _float32_features(model, x, batch_size)
         z32 = model.forward_head(f32.float().to(next(model.parameters()).device)).argmax(1).cpu()
-    finally:
-        model.train(was_training)
     genuine = not bool((f64.float().double() == f64).all())
     rel = ((f32.to(f64) - f64).norm(dim=1) / f64.norm(dim=1).clamp_min(1e-30)).max().item()
     over = (proven.radius > formula.radius) & proven.correct

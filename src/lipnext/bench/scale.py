@@ -1,8 +1,5 @@
 """Scale benchmark of the manifold optimizer on its real code path, per rank, W = 1, 2, 4, 8.
 
-    python benchmarks/bench_scale.py [--widths 4096 5792] [--scaling-width 1024]
-        [--scaling-matrices 8] [--worlds 2 4] [--chunk-size 8] [--json out.json]
-
 1. Full width (measured on this CPU, then extrapolated per block): one ManifoldAdam step of an
    orthogonal C x C matrix with the paper's recipe (NAdam, lr 1e-3 x 0.5, Lookahead k = 5), at
    its second step, under a FLOP counter (torch.utils.flop_counter; matrix_exp counted as its
@@ -19,23 +16,26 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import socket
 import time
 import weakref
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from lipnext.nn import OrthogonalParameter
-from lipnext.optim import DDPManifoldAdam, ManifoldAdam
-from lipnext.optim import functional as F
+from ..io import atomic_write
+from ..nn import OrthogonalParameter
+from ..optim import DDPManifoldAdam, ManifoldAdam
+from ..optim import functional as F
+from .ranks import run_ranks, storage_bytes
+
+__all__ = ["full_width", "plan", "run_scale", "scaling"]
 
 PEAK = {"fp32": 67e12, "tf32": 495e12, "bf16": 989e12}     # H100 SXM dense FLOP/s
 NVLINK = 450e9                                              # bytes/s per direction
@@ -84,10 +84,6 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
-def storage_bytes(tensors) -> int:
-    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
-
-
 def full_width(c: int, chunk: int) -> dict:
     """Counted FLOPs and measured bytes of one ManifoldAdam step on ``chunk`` C x C matrices."""
     g = torch.Generator().manual_seed(c)
@@ -128,34 +124,34 @@ def _count_collectives(counter: dict, world: int) -> None:
                          ("all_reduce", 2)):
         real = getattr(dist, name)
 
-        def wrapped(tensor, *args, _real=real, _factor=factor, **kwargs):
+        def wrapped(tensor, *args, _real=real, _factor=factor, _name=name, **kwargs):
             n = tensor.numel() * tensor.element_size()
-            if name in ("gather", "scatter"):
+            if _name in ("gather", "scatter"):
                 n *= world
             counter["bytes"] += _factor * (world - 1) / world * n
             return _real(tensor, *args, **kwargs)
         setattr(dist, name, wrapped)
 
 
-def scaling_worker(rank: int, world: int, port: int, args, queue) -> None:
+def scaling_worker(rank: int, world: int, port: int, c: int, n: int, chunk_size: int, steps: int,
+                   queue) -> None:
     torch.set_num_threads(1)
     if world > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world)
     try:
         g = torch.Generator().manual_seed(0)
-        c, n = args.scaling_width, args.scaling_matrices
         xs = [OrthogonalParameter(torch.linalg.qr(torch.randn(c, c, generator=g))[0]) for _ in range(n)]
         grads = [torch.randn(c, c, generator=g) * 1e-3 for _ in range(n)]
         counter = {"bytes": 0.0}
-        kwargs = dict(lr=1e-3, nesterov=True, lookahead_k=LOOKAHEAD_K, chunk_size=args.chunk_size)
+        kwargs = dict(lr=1e-3, nesterov=True, lookahead_k=LOOKAHEAD_K, chunk_size=chunk_size)
         if world > 1:
             opt = DDPManifoldAdam([dict(params=xs, orthogonal=True)], **kwargs)
             _count_collectives(counter, world)
         else:
             opt = ManifoldAdam(xs, **kwargs)
         times = []
-        for _ in range(args.steps):
+        for _ in range(steps):
             for x, gr in zip(xs, grads):
                 x.grad = gr.clone()
             counter["bytes"] = 0.0
@@ -169,24 +165,11 @@ def scaling_worker(rank: int, world: int, port: int, args, queue) -> None:
             dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def scaling(args) -> list[dict]:
-    ctx = mp.get_context("spawn")
+def scaling(width: int, matrices: int, chunk_size: int, steps: int, worlds: Sequence[int]) -> list[dict]:
+    """DDPManifoldAdam's step at W = 1 and each of ``worlds``: process time and bytes per rank."""
     rows = []
-    for world in [1, *args.worlds]:
-        queue = ctx.Queue()
-        port = free_port()
-        procs = [ctx.Process(target=scaling_worker, args=(r, world, port, args, queue)) for r in range(world)]
-        for p in procs:
-            p.start()
-        res = dict(queue.get() for _ in procs)
-        for p in procs:
-            p.join()
+    for world in [1, *worlds]:
+        res = run_ranks(world, scaling_worker, width, matrices, chunk_size, steps)
         rows.append({"W": world, "ranks": res})
     base = rows[0]["ranks"][0]
     for row in rows:
@@ -226,45 +209,38 @@ def plan(model: str, depth: int, fw: dict, world: int, strategy: str, precision:
             "peak_GB": (persistent + temp) / 1e9, "seconds": seconds}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--widths", type=int, nargs="+", default=[4096, 5792])
-    ap.add_argument("--chunk-size", type=int, default=8)
-    ap.add_argument("--measure-chunk", type=int, default=1, help="matrices in the full-width run")
-    ap.add_argument("--scaling-width", type=int, default=1024)
-    ap.add_argument("--scaling-matrices", type=int, default=8)
-    ap.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    print(f"date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch {torch.__version__}, "
-          f"{os.cpu_count()} CPUs (shared, noisy)")
+def run_scale(widths: Sequence[int] = (4096, 5792), chunk_size: int = 8, measure_chunk: int = 1,
+              scaling_width: int = 1024, scaling_matrices: int = 8, worlds: Sequence[int] = (2, 4),
+              steps: int = 3, threads: int = 2, json_path: str | Path | None = None,
+              log: Callable[[str], None] = lambda s: print(s, flush=True)) -> None:
+    """The three parts of the module docstring, each printed by ``log`` as it is known."""
+    torch.set_num_threads(threads)
+    log(f"date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch {torch.__version__}, "
+        f"{os.cpu_count()} CPUs (shared, noisy)")
 
-    rows = scaling(args)
-    print(f"\nmeasured: DDPManifoldAdam step, C = {args.scaling_width}, {args.scaling_matrices} matrices, "
-          f"one thread per rank, median of {args.steps} (process time)")
-    print(f"{'W':>2} {'max rank s':>10} {'ratio':>6} {'bytes/rank':>11} {'max|dX|':>8}  per rank s (spread)")
+    rows = scaling(scaling_width, scaling_matrices, chunk_size, steps, worlds)
+    log(f"\nmeasured: DDPManifoldAdam step, C = {scaling_width}, {scaling_matrices} matrices, "
+        f"one thread per rank, median of {steps} (process time)")
+    log(f"{'W':>2} {'max rank s':>10} {'ratio':>6} {'bytes/rank':>11} {'max|dX|':>8}  per rank s (spread)")
     for row in rows:
         per = " ".join(f"{r['process_s']:.2f}({r['spread_s']:.2f})" for r in row["ranks"].values())
-        print(f"{row['W']:>2} {row['max_process_s']:10.2f} {row['ratio']:6.2f} "
-              f"{row['ranks'][0]['bytes'] / 1e6:9.1f}MB {row['max_weight_diff']:8.1e}  {per}")
+        log(f"{row['W']:>2} {row['max_process_s']:10.2f} {row['ratio']:6.2f} "
+            f"{row['ranks'][0]['bytes'] / 1e6:9.1f}MB {row['max_weight_diff']:8.1e}  {per}")
 
-    fws = [full_width(c, args.measure_chunk) for c in args.widths]
+    fws = [full_width(c, measure_chunk) for c in widths]
     for fw in fws:
-        print(f"\nmeasured: C = {fw['C']}, one step of {fw['chunk']} matrix: {fw['cpu_seconds']:.1f} s on "
-              f"this CPU, ||U||_F = {fw['norm_U']:.2f}; counted {fw['flops_per_matrix'] / 1e12:.2f} "
-              f"TFLOP per matrix (sync/k incl.), persistent {fw['persistent_bytes_per_param']:.1f} B/param, "
-              f"temporaries {fw['temporary_bytes_per_chunk_param']:.1f} B per chunk param")
+        log(f"\nmeasured: C = {fw['C']}, one step of {fw['chunk']} matrix: {fw['cpu_seconds']:.1f} s on "
+            f"this CPU, ||U||_F = {fw['norm_U']:.2f}; counted {fw['flops_per_matrix'] / 1e12:.2f} "
+            f"TFLOP per matrix (sync/k incl.), persistent {fw['persistent_bytes_per_param']:.1f} B/param, "
+            f"temporaries {fw['temporary_bytes_per_chunk_param']:.1f} B per chunk param")
     models = {4096: ("lipnext_l32w4096 (1B)", 32), 5792: ("lipnext_2b", 32)}
     plans = []
-    print("\ncomputed per rank, one optimizer step (chunk_size "
-          f"{args.chunk_size}; H100 time = FLOPs / peak + bytes / NVLink)")
-    print(f"{'model':>22} {'strategy':>10} {'W':>2} {'TFLOP':>7} {'comm GB':>8} {'persist B/p':>11} "
-          f"{'temp B/p':>8} {'peak GB':>8} {'fp32 s':>7} {'tf32 s':>7} {'bf16 s':>7}")
+    log("\ncomputed per rank, one optimizer step (chunk_size "
+        f"{chunk_size}; H100 time = FLOPs / peak + bytes / NVLink)")
+    log(f"{'model':>22} {'strategy':>10} {'W':>2} {'TFLOP':>7} {'comm GB':>8} {'persist B/p':>11} "
+        f"{'temp B/p':>8} {'peak GB':>8} {'fp32 s':>7} {'tf32 s':>7} {'bf16 s':>7}")
     for fw in fws:
-        fw = dict(fw, chunk=args.chunk_size)
+        fw = dict(fw, chunk=chunk_size)
         name, depth = models.get(fw["C"], (f"C{fw['C']}", 32))
         for strategy in ("replicated", "ddp", "fsdp"):
             for world in (1, 2, 4, 8):
@@ -273,14 +249,10 @@ def main() -> None:
                 ps = {prec: plan(name, depth, fw, world, strategy, prec) for prec in PEAK}
                 p = ps["fp32"]
                 plans.append({**p, **{f"seconds_{k}": v["seconds"] for k, v in ps.items()}})
-                print(f"{name:>22} {strategy:>10} {world:>2} {p['flops'] / 1e12:7.2f} "
-                      f"{p['comm_bytes'] / 1e9:8.2f} {p['persistent_B_per_param']:11.1f} "
-                      f"{p['temp_B_per_param']:8.2f} {p['peak_GB']:8.1f} "
-                      + " ".join(f"{ps[k]['seconds']:7.3f}" for k in PEAK))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"scaling": rows, "full_width": fws, "plans": plans}, f, indent=1)
-
-
-if __name__ == "__main__":
-    main()
+                log(f"{name:>22} {strategy:>10} {world:>2} {p['flops'] / 1e12:7.2f} "
+                    f"{p['comm_bytes'] / 1e9:8.2f} {p['persistent_B_per_param']:11.1f} "
+                    f"{p['temp_B_per_param']:8.2f} {p['peak_GB']:8.1f} "
+                    + " ".join(f"{ps[k]['seconds']:7.3f}" for k in PEAK))
+    if json_path:
+        payload = json.dumps({"scaling": rows, "full_width": fws, "plans": plans}, indent=1)
+        atomic_write(json_path, lambda p: Path(p).write_text(payload))
