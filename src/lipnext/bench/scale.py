@@ -109,7 +109,8 @@ def full_width(c: int, chunk: int) -> dict:
     sync = FlopCounterMode(display=False,
                            custom_mapping={torch.ops.aten.linalg_matrix_exp: _matrix_exp_flops})
     with sync:
-        F.rotate(st["slow"][None], 0.5 * st["lookahead_sum"][None] * LOOKAHEAD_K / 2)  # a cycle's S
+        F.exp_update(st["slow"][None], 0.5 * st["lookahead_sum"][None] * LOOKAHEAD_K / 2,
+                     skew=True)                              # a cycle's S
     u_norm = torch.linalg.matrix_norm(st["lookahead_sum"]).item()
     params = chunk * c * c
     return {"C": c, "chunk": chunk, "flops_per_matrix": step_flops / chunk + sync.get_total_flops() / LOOKAHEAD_K,

@@ -118,9 +118,10 @@ class _Block(torch.autograd.Function):
 
 def lipnext_block(u: torch.Tensor, r: torch.Tensor, m: torch.Tensor, bias: torch.Tensor, group: int,
                   padding: str, k: int, fuse: bool | None = None) -> torch.Tensor:
-    """beta_abs(S(U R^T) R M^T + b) on channels-last U (B, h, w, C), beta-Abs on the first k
+    """beta_abs(S(U R^T) R M^T + b) on channels-last U (..., h, w, C), beta-Abs on the first k
     channels; ``fuse`` forms R M^T (default: iff the N token rows exceed C)."""
     c = u.shape[-1]
     if fuse is None:
         fuse = u.numel() // c > c
-    return _Block.apply(u.contiguous(), r, m, bias, group, padding, k, fuse)
+    u4 = u.contiguous().view(-1, *u.shape[-3:])        # any leading dims as one batch dim
+    return _Block.apply(u4, r, m, bias, group, padding, k, fuse).view(u.shape)
