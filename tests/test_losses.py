@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from lipnext.losses import LOSSES, cross_entropy, emma_loss, eps_schedule, margin_loss, \
-    pairwise_lipschitz
+from lipnext.losses import (LOSSES, cross_entropy, emma_loss, eps_schedule, margin_loss,
+                            pairwise_lipschitz)
 
 # three classes, head rows w0 = (1, 0), w1 = (0, 1), w2 = (-1, 0): ||w0-w1|| = sqrt2, ||w0-w2|| = 2
 W = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])

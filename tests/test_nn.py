@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from lipnext.bounds import spectral_norm_bound
-from lipnext.nn import BetaAbs, L2Pool, NormalizedLinear, OrthogonalParameter, \
-    OrthogonalPatchStem, SpatialShift, is_orthogonal, orthogonality_error, random_orthogonal
+from lipnext.nn import (BetaAbs, L2Pool, NormalizedLinear, OrthogonalParameter,
+                        OrthogonalPatchStem, SpatialShift, is_orthogonal, orthogonality_error,
+                        random_orthogonal)
 
 
 def test_random_orthogonal_is_orthogonal():

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from lipnext.config import load_config, warmup_epochs
-from lipnext.engine import TrainingDiverged, latest_checkpoint, list_checkpoints, load_checkpoint, \
-    lr_factor, read_metrics, train
+from lipnext.engine import (TrainingDiverged, latest_checkpoint, list_checkpoints, load_checkpoint,
+                            lr_factor, read_metrics, train)
 from lipnext.engine import checkpoint as ckpt_mod
 from lipnext.engine.batches import BatchPlan
 from lipnext.losses import eps_schedule

@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if result.get("interrupted"):
         why = result.get("signal", "train.stop_at_step")
-        again = ["lipnext", "train", *(["--config", args.config] if args.config else []),
+        again = ["lipnext", *[a for m in getattr(args, "imports", []) for a in ("--import", m)], "train",
+                 *(["--config", args.config] if args.config else []),
                  *[o for o in overrides if o != "resume=true" and not o.startswith("train.stop_at_step=")],
                  "--resume"]
         if cfg.train.checkpoint:

@@ -93,9 +93,7 @@ def run(args: argparse.Namespace) -> int:
     _positive("--ortho-tol", args.ortho_tol)
     t = load_target(args, "verify")
     target, model, ds, data, radii, unit = t.path, t.model, t.dataset, t.data, t.radii, t.unit
-    x, y = ds.tensors()
-    if args.limit:
-        x, y = x[:args.limit], y[:args.limit]
+    x, y = ds.probe(args.limit or len(ds))         # every batch source has probe (streamed too)
     if len(y) == 0:
         raise ValueError(f"the {args.split} split of {data} is empty; choose another split or --holdout")
     _positive("--radii", min(radii), allow_zero=True)

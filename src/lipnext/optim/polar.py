@@ -18,7 +18,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from ..nn.orthogonal import is_orthogonal
+from ..nn.orthogonal import is_orthogonal, orthogonality_error
 
 __all__ = ["METHODS", "group_by_shape", "polar_retract", "resolve_method", "retract_",
            "retract_model"]
@@ -92,9 +92,7 @@ def retract_(tensors: Iterable[Tensor], method: str = "auto", steps: int = 16) -
     drift = 0.0
     for batch in group_by_shape(tensors):
         x = torch.stack(batch)
-        x64 = x.to(torch.float64)
-        eye = torch.eye(x.shape[-1], dtype=torch.float64, device=x.device)
-        drift = max(drift, (x64.mT @ x64 - eye).abs().max().item())
+        drift = max(drift, orthogonality_error(x))
         torch._foreach_copy_(batch, list(polar_retract(x, method, steps).unbind(0)))
     return drift
 
