@@ -7,8 +7,8 @@ import torch
 
 from lipnext.nn import random_orthogonal
 from lipnext.optim import exp_plan, exp_update, fast_exp, fast_expm1
-from lipnext.optim.fast_exp import _norm_estimate, exp_cost, exp_plans, truncation_bound
-from lipnext.optim.precision import PRECISIONS, product, round_tf32
+from lipnext.ops.exp import _norm_estimate, exp_cost, exp_plans, truncation_bound
+from lipnext.ops.precision import PRECISIONS, product, round_tf32
 
 
 def gaussian_skew(n, norm, batch=(), seed=0):
@@ -70,7 +70,7 @@ def test_the_regimes_are_all_exercised():
 @pytest.mark.parametrize("plan", [(2, 0), (4, 0), (6, 0), (2, 3), (4, 2), (6, 2)])
 def test_each_plan_evaluates_its_formula(monkeypatch, plan):
     """fast_exp = T_k(A / 2^s)^(2^s), T_k the Taylor polynomial of order k (float64)."""
-    module = importlib.import_module("lipnext.optim.fast_exp")  # the name fast_exp is the function
+    module = importlib.import_module("lipnext.ops.exp")  # the name fast_exp is the function
     monkeypatch.setattr(module, "exp_plan", lambda theta, u: plan)
     k, s = plan
     a = nadam_like_skew(10, 0.5)
@@ -226,3 +226,19 @@ def test_drift_stays_at_fp32_level_over_1000_steps(name):
     per_step = max(b - a for a, b in zip(drift, drift[1:]))
     assert per_step <= 1e-6
     assert drift[-1] - drift[0] <= 1e-4
+
+
+def test_a_kernel_registered_for_exp_is_what_the_optimizer_runs():
+    from lipnext.ops import register_kernel, unregister_kernel
+    from lipnext.ops.exp import reference
+    calls = []
+    register_kernel("exp", "cpu", lambda a, *args, **kw: calls.append(kw) or reference(a, *args, **kw))
+    try:
+        x, u = torch.eye(6), nadam_like_skew(6, 0.3).float()
+        out = exp_update(x, u, skew=True)
+    finally:
+        unregister_kernel("exp", "cpu")
+    assert calls == [{"skew": True}]
+    torch.testing.assert_close(out, torch.linalg.matrix_exp(u.double()).float(), rtol=0, atol=1e-6)
+    exp_update(x, u)
+    assert len(calls) == 1                       # unregistered: the reference again

@@ -144,7 +144,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
     """Every key's allowed values; the optimizer's lists come from lipnext.optim (torch)."""
     from .optim.exp_update import METHODS as UPDATES
     from .optim.polar import METHODS as RETRACTIONS
-    from .optim.precision import PRECISIONS
+    from .ops.precision import PRECISIONS
     return {**_CHOICES, "train.retraction": (*RETRACTIONS, "none"), "optim.update": UPDATES,
             "optim.precision": PRECISIONS}
 

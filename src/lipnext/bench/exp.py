@@ -18,7 +18,7 @@ import torch
 from ..io import atomic_write
 from ..nn import OrthogonalParameter, random_orthogonal
 from ..optim import ManifoldAdam, fast_exp
-from ..optim.fast_exp import _norm_estimate, exp_cost, exp_plans
+from ..ops.exp import _norm_estimate, exp_cost, exp_plans
 from .timing import median, resolve_device, time_calls
 
 __all__ = ["bench_fast_exp", "bench_manifold_step", "plan_table", "run_exp"]

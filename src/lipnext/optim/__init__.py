@@ -2,7 +2,7 @@
 from .ddp import DDPManifoldAdam
 from .exp_update import exp_update
 from .factory import build_optimizer
-from .fast_exp import exp_plan, fast_exp, fast_expm1
+from ..ops.exp import exp_plan, fast_exp, fast_expm1
 from .manifold_adam import ManifoldAdam, lie_gradient
 from .owners import assign_owners
 from .polar import polar_retract, retract_model

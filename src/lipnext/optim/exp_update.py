@@ -7,7 +7,7 @@ E - I comes from ``method``:
     cayley:    W = (I - A/2)^{-1} (I + A/2) - I = (I - A/2)^{-1} A      (one solve)
 
 and every matrix product (those inside fast_expm1, and X W) runs in ``precision``
-(``lipnext.optim.precision``); the sum X + X W is fp32 (fp64 for "fp64"). Since
+(``lipnext.ops.precision``); the sum X + X W is fp32 (fp64 for "fp64"). Since
 ||W|| ~ ||A||, the product's rounding error is about u ||X|| ||A||: the low-precision
 arithmetic only ever touches the small quantities, and the orthogonality drift of X
 stays at the fp32 level (tests/test_fast_exp.py).
@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .fast_exp import fast_expm1
-from .precision import product
+from ..ops.exp import fast_expm1
+from ..ops.precision import product
 
 __all__ = ["METHODS", "exp_update"]
 

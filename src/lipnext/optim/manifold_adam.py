@@ -44,7 +44,7 @@ from torch.optim import Optimizer
 from ..nn.orthogonal import is_orthogonal
 from . import functional as F
 from .exp_update import METHODS as EXP_METHODS
-from .precision import PRECISIONS
+from ..ops.precision import PRECISIONS
 from .functional import lie_gradient, skew
 from .polar import group_by_shape, retract_
 

@@ -31,6 +31,9 @@ working dtype, where r_k(b) = sum_{j>k} b^j / j! bounds ||T_k(B) - exp(B)||_2 wh
 So the truncation error is at most ~u unless the estimate is off by more than the
 margin (a 10 % underestimate raises it by 1.6x). Matrices that are not exactly skew go
 to ``torch.linalg.matrix_exp``.
+
+``fast_expm1`` is the op ``exp`` of ``lipnext.ops`` (a kernel registered for a device type
+replaces ``reference`` there); the optimizer reaches it through ``optim.exp_update``.
 """
 from __future__ import annotations
 
@@ -41,8 +44,9 @@ import torch
 from torch import Tensor
 
 from .precision import Precision, product
+from .registry import kernel_op
 
-__all__ = ["exp_cost", "exp_plan", "exp_plans", "fast_exp", "fast_expm1"]
+__all__ = ["exp_cost", "exp_plan", "exp_plans", "fast_exp", "fast_expm1", "reference"]
 
 _PRODUCTS = {2: 1, 4: 2, 6: 3}       # Taylor order -> matrix products before squaring
 _POWER_STEPS, _POWER_BLOCK, _MARGIN = 8, 4, 1.1     # the norm estimate of ``_plans``
@@ -164,7 +168,7 @@ def exp_plans(a: Tensor, precision: str | None = None, *,
     return _plans(flat, prec.mm(flat, flat), prec, skew)
 
 
-def fast_expm1(a: Tensor, precision: str | None = None, *, skew: bool = False) -> Tensor:
+def reference(a: Tensor, precision: str | None = None, *, skew: bool = False) -> Tensor:
     """exp(A) - I for a batch (..., n, n), products in ``precision`` (default: A's dtype).
 
     Returns the working dtype (float64 for fp64, else float32). Every product is one
@@ -195,6 +199,9 @@ def fast_expm1(a: Tensor, precision: str | None = None, *, skew: bool = False) -
     eye = torch.eye(flat.shape[-1], dtype=flat.dtype, device=flat.device)
     w = _on_rows(w, general, lambda i: torch.linalg.matrix_exp(flat[i]) - eye)
     return w.view(a.shape)
+
+
+fast_expm1 = kernel_op("exp", reference)
 
 
 def fast_exp(a: Tensor) -> Tensor:
