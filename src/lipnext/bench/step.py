@@ -1,13 +1,14 @@
 """Training-step time of LipNeXt, as the trainer runs it, against an unconstrained twin.
 
-LipNeXt step = the trainer's: the Lipschitz bound when due (``loss.lipschitz_every``),
-forward, EMMA loss, backward, gradient clipping at 3, ``build_optimizer``'s ManifoldAdam
-step (NAdam + Lookahead). The two models' steps alternate (A B A B ...), so both see the
+LipNeXt step = the trainer's ``engine.TrainStep``: the Lipschitz bound when due
+(``loss.lipschitz_every``), forward, EMMA loss, backward, gradient clipping at 3, the finite
+check, ``build_optimizer``'s ManifoldAdam step (NAdam + Lookahead). The two models' steps alternate (A B A B ...), so both see the
 same machine load; the optimizer and the bound are timed inside the LipNeXt step. The twin
 has the same stem, token GEMMs (two C x C per block), pooling and head, but nn.Linear
 weights, ReLU instead of shift + beta-Abs, cross-entropy, the same clipping and
 torch.optim.Adam. ``depth`` keeps the model's width with fewer blocks (both models). Steps
-at cadence N > 1 are computed as (step with the bound) - (1 - 1/N) (bound), both measured.
+at cadence N > 1 are computed as (step with the bound) - (1 - 1/N) (bound), both measured;
+the ratio is the median over rounds of each round's ratio (both steps under one load).
 Also: FastExp against torch.linalg.matrix_exp on skew matrices of the given Frobenius
 norms. Medians of ``repeats`` after one warm-up; the ratio's spread is over the rounds.
 """
@@ -23,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..engine.distributed import DistInfo, lipschitz_bound
+from ..engine.step import TrainStep
 from ..io import atomic_write
 from ..losses import emma_loss
 from ..models import create_model
@@ -71,22 +74,33 @@ class Twin(nn.Module):
         return self.head(self.pool(x))
 
 
+class _Timed:
+    """The optimizer, its ``step()`` timed into ``seconds``; everything else passed through."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, seconds: list[float]):
+        self._optimizer, self._seconds = optimizer, seconds
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._optimizer, name)
+
+    def step(self) -> None:
+        t0 = time.perf_counter()
+        self._optimizer.step()
+        self._seconds.append(time.perf_counter() - t0)
+
+
 def lipnext_step(model: LipNeXt, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                  parts: dict[str, list[float]]) -> Callable[[], None]:
-    """The trainer's step with the bound measured every call; appends the parts' seconds."""
+    """The trainer's ``TrainStep`` with the bound measured every call; appends the parts' seconds."""
+    info, cpu = DistInfo(), torch.device("cpu")
+    train_step = TrainStep(model, model, _Timed(opt, parts["optimizer"]), emma_loss, info, cpu,
+                           grad_clip=CLIP)
+
     def step() -> None:
         t0 = time.perf_counter()
-        lip = float(model.lipschitz_bound())
-        t1 = time.perf_counter()
-        loss = emma_loss(model(x).float(), y, model.head_weight(), lip, 36 / 255)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-        t2 = time.perf_counter()
-        if bool(torch.isfinite(torch.stack([loss.detach(), gnorm])).all()):
-            opt.step()
-        parts["bound"].append(t1 - t0)
-        parts["optimizer"].append(time.perf_counter() - t2)
+        lip = lipschitz_bound(model, info, cpu)
+        parts["bound"].append(time.perf_counter() - t0)
+        train_step(0, x, y, 1e-3, 36 / 255, lip)
     return step
 
 
@@ -116,14 +130,16 @@ def measure_step(model_name: str, depth: int | None, batch: int, image_size: int
         {"lipnext": lipnext_step(model, build_optimizer(model, lr=1e-3), x, y, parts),
          "twin": twin_step(twin, torch.optim.Adam(twin.parameters(), lr=1e-3), x, y)}, repeats)
     ms = {k: 1e3 * median(v) for k, v in times.items()}
+    bounds = parts["bound"][1:]                       # (the first call was the warm-up)
     bound, optim = (1e3 * median(parts[k][1:]) for k in ("bound", "optimizer"))
     steps = {n: ms["lipnext"] - (1 - 1 / n) * bound for n in cadences}
-    ratios = [a / b for a, b in zip(times["lipnext"], times["twin"])]
+    rounds = {n: [(a - (1 - 1 / n) * b) / t for a, b, t in zip(times["lipnext"], bounds, times["twin"])]
+              for n in cadences}                     # per round: both steps under the same load
     return {"model": model_name, "depth": model.cfg.depth, "width": model.cfg.width, "batch": batch,
             "tokens_per_call": batch * (image_size // model.patch_size) ** 2,
             "lipnext_step_ms": steps, "bound_ms": bound, "optimizer_ms": optim,
-            "twin_step_ms": ms["twin"], "ratio": {n: t / ms["twin"] for n, t in steps.items()},
-            "ratio_range_every_1": (min(ratios), max(ratios)),
+            "twin_step_ms": ms["twin"], "ratio": {n: median(r) for n, r in rounds.items()},
+            "ratio_range": {n: (min(r), max(r)) for n, r in rounds.items()},
             "times_s": times}
 
 
@@ -133,13 +149,14 @@ def step_table(rows: list[dict[str, Any]], exps: list[dict[str, Any]], repeats: 
     mode = "LipNeXt blocks compiled" if compiled else "eager"
     lines = [f"torch {torch.__version__}, CPU, {torch.get_num_threads()} threads, fp32, {mode}, "
              f"median of {repeats}\n",
-             "| model | batch | tokens/call | bound every | LipNeXt step (ms) | twin step (ms) | ratio "
-             "| optimizer (ms) | bound (ms) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| model | batch | tokens/call | bound every | LipNeXt step (ms) | twin step (ms) "
+             "| ratio: median of rounds (range) | optimizer (ms) | bound (ms) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         for n, t in r["lipnext_step_ms"].items():
-            spread = "(per-round {:.2f}-{:.2f})".format(*r["ratio_range_every_1"]) if n == 1 else ""
+            lo, hi = r["ratio_range"][n]
             lines.append(f"| {r['model']} ({r['depth']} blocks) | {r['batch']} | {r['tokens_per_call']} "
-                         f"| {n} | {t:.0f} | {r['twin_step_ms']:.0f} | {r['ratio'][n]:.2f}x {spread} "
+                         f"| {n} | {t:.0f} | {r['twin_step_ms']:.0f} | {r['ratio'][n]:.2f}x ({lo:.2f}-{hi:.2f}) "
                          f"| {r['optimizer_ms']:.0f} | {r['bound_ms']:.0f} |")
     if exps:
         lines += ["", "| C | ‖A‖_F | fast_exp (ms) | plan | matrix_exp (ms) | speed-up |",
