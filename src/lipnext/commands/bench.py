@@ -92,10 +92,10 @@ def _run_step(args: argparse.Namespace) -> int:
 def _add_exp(names: argparse._SubParsersAction) -> None:
     what = "FastExp against torch.linalg.matrix_exp, and one ManifoldAdam step stacked vs one group each"
     p = names.add_parser("exp", help=what, description=what)
-    p.add_argument("--sizes", type=int, nargs="+", default=[256, 1024], help="C for fast_exp vs matrix_exp")
+    p.add_argument("--sizes", type=int, nargs="*", default=[256, 1024], help="C for fast_exp vs matrix_exp (none: skip)")
     p.add_argument("--norms", type=float, nargs="+", default=[0.1, 0.5],
                    help="Frobenius norms of the skew input")
-    p.add_argument("--step-sizes", type=int, nargs="+", default=[128, 256], help="C for the ManifoldAdam step")
+    p.add_argument("--step-sizes", type=int, nargs="*", default=[128, 256], help="C for the ManifoldAdam step (none: skip)")
     p.add_argument("--stack", type=int, default=16, help="matrices per stack")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--device", default="cpu")
