@@ -31,7 +31,7 @@ import torch
 
 __all__ = ["spectral_norm_bound", "operator_norm_bound", "circular_conv_spectrum", "residual_kernel",
            "residual_conv_norm_bound", "gram_error", "pairwise_distances", "distance_upper", "gamma",
-           "SLACK"]
+           "abs_norm_bound", "SLACK"]
 
 _U64 = 2.0 ** -53
 _CHUNK = 2 ** 22  # float64 entries of one block of differences (32 MiB)
@@ -85,6 +85,13 @@ def spectral_norm_bound(w: torch.Tensor) -> torch.Tensor:
     gershgorin = (e + torch.eye(e.shape[-1], dtype=e.dtype, device=e.device)).abs().sum(-1).amax(-1)
     lam = torch.minimum(fro, gershgorin) + rounding
     return torch.sqrt(lam.clamp_min(0.0))
+
+
+def abs_norm_bound(a: torch.Tensor) -> float:
+    """Upper bound of || |A| ||_2 for a (batch of) real or complex matrix: sqrt(||A||_1 ||A||_inf),
+    computed in float64 and rounded up (1 + 1e-6)."""
+    m = a.abs().to(torch.float64)
+    return (m.sum(-2).amax().item() * m.sum(-1).amax().item()) ** 0.5 * (1.0 + 1e-6)
 
 
 def operator_norm_bound(mats: torch.Tensor) -> float:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .bounds import gamma, residual_conv_norm_bound, spectral_norm_bound
+from .bounds import abs_norm_bound, gamma, residual_conv_norm_bound, spectral_norm_bound
 from .nn.modes import evaluating
 from .ops.patchify import patchify
 from .ops.registry import reference_only
@@ -57,18 +57,12 @@ class Step:
     kc: float = 0.0
 
 
-def _absnorm(a: torch.Tensor) -> float:
-    """Upper bound of || |A| ||_2 for a (batch of) real or complex matrix: sqrt(||A||_1 ||A||_inf)."""
-    m = a.abs().to(torch.float64)
-    return math.sqrt(m.sum(-2).amax().item() * m.sum(-1).amax().item()) * UP
-
-
 def linear(a: torch.Tensor, name: str = "linear") -> Step:
     """h -> h A^T over the last dim (a GEMM): |fl - exact| <= gamma_n |h| |A|^T entrywise."""
     a64 = a.detach().to(torch.float64)
     n = a64.shape[-1]
     return Step(name, lambda h: h @ a64.mT, float(spectral_norm_bound(a64)) * UP,
-                kin=gamma(n) * _absnorm(a64))
+                kin=gamma(n) * abs_norm_bound(a64))
 
 
 def translate(c: torch.Tensor, numel: int, name: str = "translate") -> Step:
@@ -116,7 +110,7 @@ def residual_conv(weight: torch.Tensor, lip: float) -> Step:
     """h -> h + conv_W(h) (circular): the conv is one sum of C k^2 products per output
     (gamma_{Ck^2} |W| * |h|, and || |W| * |h| || <= sigma(sum_ab |W_ab|) ||h||), then one addition."""
     w64 = weight.detach().to(torch.float64)
-    s_abs = _absnorm(w64.abs().sum(dim=(-2, -1)))
+    s_abs = abs_norm_bound(w64.abs().sum(dim=(-2, -1)))
     g = gamma(w64.shape[1] * w64.shape[2] * w64.shape[3])
     kin = g * s_abs + U64 * (1 + s_abs) * (1 + g)
     return Step("residual_conv", lambda h: h + _circular_conv_by_shifts(h, w64), lip * UP, kin=kin)
