@@ -131,3 +131,14 @@ def test_compiled_block_equals_eager(monkeypatch):
     torch.testing.assert_close(o1, o2, rtol=1e-5, atol=1e-6)
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch,fuse", [(1, False), (2, True)])
+def test_the_one_function_block_costs_what_autograd_costs(batch, fuse):
+    """N = 16 B rows, C = 24: fused 3 C^3 + 6 N C^2, token order 9 N C^2 (multiply-adds)."""
+    c, n = 24, 16 * batch
+    block = make_block(c)
+    x = torch.randn(batch, 4, 4, c, dtype=torch.float64, requires_grad=True)
+    total = matmul_flops(lambda: block(x).sum().backward())
+    assert total == 2 * (3 * c ** 3 + 6 * n * c * c if fuse else 9 * n * c * c)
+    assert total == matmul_flops(lambda: block_forward(block, x).sum().backward())
