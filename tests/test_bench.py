@@ -1,6 +1,8 @@
 """`lipnext bench`: FLOP counts, ratios against LipNeXt, tables, the orthogonal-update
 methods and the budget race, on tiny sizes (timings themselves are not tested)."""
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,7 +17,12 @@ from lipnext.nn import orthogonality_error
 
 
 def test_inference_flops_match_the_lipnext_formula():
-    r = measure_model("lipnext_l4w64", batch=4, image_size=8, steps=1, warmup=0, device="cpu")
+    # in a fresh process, as `lipnext bench` measures each model: ru_maxrss is a peak over the
+    # process's life, so the peak-memory column is only meaningful in one that starts anew
+    code = ("import json; from lipnext.bench.models import measure_model; print(json.dumps("
+            "measure_model('lipnext_l4w64', batch=4, image_size=8, steps=1, warmup=0, device='cpu')))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    r = json.loads(run.stdout.strip().splitlines()[-1])
     b, t, d, c, k, depth = 4, 16, 12, 64, 10, 4          # 8x8 images, patch 2 -> 16 tokens of 12
     expected = 2 * b * t * d * c + depth * (2 * 2 * b * t * c * c + 2 * c ** 3) + 2 * b * c * k
     assert r["infer_flops"] == expected
