@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..bounds import spectral_norm_bound
-from ..ops.lipnext_block import lipnext_block
+from ..ops.lipnext_block import fuses, lipnext_block
 from ..nn import (L2Pool, NormalizedLinear, OrthogonalParameter, OrthogonalPatchStem,
                   PositionalEncoding, SpatialShift, random_orthogonal)
 from ..nn.activation import BetaAbs, make_activation
@@ -101,15 +101,10 @@ class LipNeXtBlock(nn.Module):
 
 def channel_mix(y: torch.Tensor, r: torch.Tensor, m: torch.Tensor,
                 fuse: bool | None = None) -> torch.Tensor:
-    """Rows y R M^T, as y (R M^T) (``fuse``) or as (y R) M^T.
-
-    With N = y.numel() / C token rows, forward + backward take 3 C^3 + 3 N C^2
-    multiply-adds fused and 6 N C^2 unfused, so ``fuse=None`` fuses iff N > C (the same
-    rule as for a forward alone: C^3 + N C^2 against 2 N C^2).
-    """
-    c = y.shape[-1]
+    """Rows y R M^T, as y (R M^T) (``fuse``) or as (y R) M^T; ``fuse=None``: the cheaper
+    one for these rows (``ops.lipnext_block.fuses``: iff the N token rows exceed C)."""
     if fuse is None:
-        fuse = y.numel() // c > c
+        fuse = fuses(y)
     return y @ (r @ m.mT) if fuse else (y @ r) @ m.mT
 
 

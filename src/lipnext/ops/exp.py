@@ -121,14 +121,13 @@ def _plans(flat: Tensor, a2: Tensor, prec: Precision, skew: bool) -> list[tuple[
     c = prec.error_constant(flat.shape[-1])
     bounds = [min(fro, math.sqrt(fro2 + c * fro * fro)) for fro, fro2, *_ in stats]
     lower = [_MARGIN * fro2 / fro if fro > 0 else 0.0 for fro, fro2, *_ in stats]
-    unsure = [i for i, (b, lo) in enumerate(zip(bounds, lower))
-              if exp_cost(exp_plan(b, u)) != exp_cost(exp_plan(min(b, lo), u))]
+    plans = [exp_plan(min(b, lo), u) for b, lo in zip(bounds, lower)]
+    unsure = [i for i, (b, p) in enumerate(zip(bounds, plans)) if exp_cost(exp_plan(b, u)) != exp_cost(p)]
     if unsure:
         est = _norm_estimate(a2[unsure]).to("cpu", torch.float64).tolist()
         for i, e in zip(unsure, est):
-            lower[i] = max(lower[i], _MARGIN * e)
-    return [exp_plan(min(b, lo), u) if skew or row[2] == 0 else None
-            for b, lo, row in zip(bounds, lower, stats)]
+            plans[i] = exp_plan(min(bounds[i], max(lower[i], _MARGIN * e)), u)
+    return [p if skew or row[2] == 0 else None for p, row in zip(plans, stats)]
 
 
 def _on_rows(w: Tensor, rows: list[int], fn: Callable[[Tensor | slice], Tensor]) -> Tensor:

@@ -1,8 +1,8 @@
 """Training on the orthogonal manifold: FastExp, polar retraction, ManifoldAdam (docs/CORE.md, Optimizer)."""
+from ..ops.exp import exp_plan, fast_exp, fast_expm1
 from .ddp import DDPManifoldAdam
 from .exp_update import exp_update
 from .factory import build_optimizer
-from ..ops.exp import exp_plan, fast_exp, fast_expm1
 from .manifold_adam import ManifoldAdam, lie_gradient
 from .owners import assign_owners
 from .polar import polar_retract, retract_model

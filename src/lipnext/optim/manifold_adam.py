@@ -42,9 +42,9 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ..nn.orthogonal import is_orthogonal
+from ..ops.precision import PRECISIONS
 from . import functional as F
 from .exp_update import METHODS as EXP_METHODS
-from ..ops.precision import PRECISIONS
 from .functional import lie_gradient, skew
 from .polar import group_by_shape, retract_
 
