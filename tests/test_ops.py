@@ -29,6 +29,30 @@ def fake_kernel():
     ops.unregister_kernel("l2_pool", "cpu")
 
 
+def _shifted(x, step, dim, padding):
+    """out[i] = x[i - step] along dim: torch.roll, with the wrapped row zeroed for zero padding."""
+    out = torch.roll(x, step, dims=dim)
+    if padding == "zero":
+        out.narrow(dim, 0 if step > 0 else x.shape[dim] - 1, 1).zero_()
+    return out
+
+
+@pytest.mark.parametrize("grid", [(1, 1), (1, 3), (2, 2), (4, 6)])
+@pytest.mark.parametrize("padding", ["circular", "zero"])
+def test_the_shift_moves_each_group_on_every_grid(grid, padding):
+    """S against torch.roll, group by group, also on grids of one row or column."""
+    x = torch.randn(2, *grid, 11, dtype=torch.float64)                # g = 2, 3 channels at rest
+    s = ops.spatial_shift(x, 2, padding)
+    for k, (step, dim) in enumerate(((-1, 1), (1, 1), (-1, 2), (1, 2))):
+        grp = slice(2 * k, 2 * k + 2)
+        assert torch.equal(s[..., grp], _shifted(x[..., grp], step, dim, padding))
+    assert torch.equal(s[..., 8:], x[..., 8:])
+    y = torch.randn_like(x)                                             # S^T = the reversed copies
+    adj = ops.shift.apply_copies(y, ops.shift.shift_copies(*grid, 11, 2, padding), True,
+                                 padding == "circular")
+    torch.testing.assert_close((s * y).sum(), (x * adj).sum(), rtol=1e-12, atol=1e-12)
+
+
 def test_references_compute_the_operations():
     x = torch.randn(2, 4, 6, 16)
     assert torch.equal(ops.spatial_shift(x, 0), x)

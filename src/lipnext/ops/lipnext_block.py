@@ -16,13 +16,11 @@ reversed (circular: S^-1). Double backward is not supported (the loss needs none
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
-__all__ = ["lipnext_block", "fuses", "shift_copies", "apply_copies"]
+from .shift import apply_copies, shift_copies
 
-Index = tuple[slice, ...]
+__all__ = ["lipnext_block", "fuses"]
 
 
 def fuses(x: torch.Tensor) -> bool:
@@ -30,45 +28,6 @@ def fuses(x: torch.Tensor) -> bool:
     multiply-adds fused and 6 N C^2 not (a forward alone C^3 + N C^2 against 2 N C^2): iff N > C."""
     c = x.shape[-1]
     return x.numel() // c > c
-
-
-@functools.cache
-def shift_copies(h: int, w: int, c: int, g: int, padding: str) -> tuple[tuple[Index, Index], ...]:
-    """(destination, source) index pairs over (B, h, w, C) such that out[dst] = x[src] is S(x).
-
-    Groups of g channels: up (out[i] = x[i+1] along h), down (x[i-1]), left (x[j+1] along
-    w), right (x[j-1]); the other C - 4g channels stay. Circular padding adds the wrapped
-    row or column; zero padding leaves it out (those entries are 0)."""
-    full = slice(None)
-    pairs: list[tuple[Index, Index]] = [((full, full, full, slice(4 * g, c)),) * 2]
-    for k, (step, axis) in enumerate(((-1, 1), (1, 1), (-1, 2), (1, 2))):
-        n = (h, w)[axis - 1]
-        ch = slice(k * g, (k + 1) * g)
-        if step > 0:     # out[i] = x[i - 1]; wraps out[0] = x[n - 1]
-            moves = [(slice(1, n), slice(0, n - 1)), (slice(0, 1), slice(n - 1, n))]
-        else:            # out[i] = x[i + 1]; wraps out[n - 1] = x[0]
-            moves = [(slice(0, n - 1), slice(1, n)), (slice(n - 1, n), slice(0, 1))]
-        if n == 1:       # a single row: circular S leaves it, zero padding clears it
-            moves = [(slice(0, 1), slice(0, 1))] if padding == "circular" else []
-        elif padding == "zero":
-            moves = moves[:1]
-        for dst, src in moves:
-            d, s = [full, full, full, ch], [full, full, full, ch]
-            d[axis], s[axis] = dst, src
-            pairs.append((tuple(d), tuple(s)))
-    return tuple(pairs)
-
-
-def apply_copies(x: torch.Tensor, pairs: tuple[tuple[Index, Index], ...], adjoint: bool,
-                 covering: bool) -> torch.Tensor:
-    """out[dst] = x[src] for every pair (its adjoint: out[src] = x[dst]); zeros where no pair
-    writes unless ``covering`` (every entry written exactly once, as for circular S)."""
-    out = torch.empty_like(x) if covering else torch.zeros_like(x)
-    for dst, src in pairs:
-        if adjoint:
-            dst, src = src, dst
-        out[dst] = x[src]
-    return out
 
 
 class _Block(torch.autograd.Function):

@@ -1,44 +1,71 @@
 """Spatial shift of channels-last tokens (B, h, w, C): four channel groups of size g moved
 by one position up, down, left and right, the rest unchanged. ``circular`` wraps around
 (a permutation of the coordinates); ``zero`` drops what leaves the grid and lets zeros in
-(a coordinate projection followed by a permutation)."""
+(a coordinate projection followed by a permutation). S is a list of slice copies
+out[dst] = x[src] into a fresh tensor (``shift_copies``), whose adjoint S^T reverses each
+copy; ``ops.lipnext_block`` uses both directly in its hand-written backward."""
 from __future__ import annotations
+
+import functools
 
 import torch
 
 from .registry import kernel_op
 
-__all__ = ["PADDINGS", "reference", "spatial_shift"]
+__all__ = ["PADDINGS", "apply_copies", "reference", "shift_copies", "spatial_shift"]
+
+Index = tuple[slice, ...]
 
 PADDINGS = ("circular", "zero")
 
 
-def _move(x: torch.Tensor, step: int, dim: int, padding: str) -> torch.Tensor:
-    """out[i] = x[i - step] along ``dim`` (step = +-1): wrapped, or 0 where i - step is off the grid."""
-    if padding == "circular":
-        return torch.roll(x, step, dims=dim)
-    n = x.shape[dim]
-    shape = list(x.shape)
-    shape[dim] = 1
-    zeros = x.new_zeros(shape)
-    if step > 0:
-        return torch.cat([zeros, x.narrow(dim, 0, n - 1)], dim=dim)
-    return torch.cat([x.narrow(dim, 1, n - 1), zeros], dim=dim)
+@functools.cache
+def shift_copies(h: int, w: int, c: int, g: int, padding: str) -> tuple[tuple[Index, Index], ...]:
+    """(destination, source) index pairs over (B, h, w, C) such that out[dst] = x[src] is S(x).
+
+    Groups of g channels: up (out[i] = x[i+1] along h), down (x[i-1]), left (x[j+1] along
+    w), right (x[j-1]); the other C - 4g channels stay. Circular padding adds the wrapped
+    row or column; zero padding leaves it out (those entries are 0)."""
+    full = slice(None)
+    pairs: list[tuple[Index, Index]] = [((full, full, full, slice(4 * g, c)),) * 2]
+    for k, (step, axis) in enumerate(((-1, 1), (1, 1), (-1, 2), (1, 2))):
+        n = (h, w)[axis - 1]
+        ch = slice(k * g, (k + 1) * g)
+        if step > 0:     # out[i] = x[i - 1]; wraps out[0] = x[n - 1]
+            moves = [(slice(1, n), slice(0, n - 1)), (slice(0, 1), slice(n - 1, n))]
+        else:            # out[i] = x[i + 1]; wraps out[n - 1] = x[0]
+            moves = [(slice(0, n - 1), slice(1, n)), (slice(n - 1, n), slice(0, 1))]
+        if n == 1:       # a single row: circular S leaves it, zero padding clears it
+            moves = [(slice(0, 1), slice(0, 1))] if padding == "circular" else []
+        elif padding == "zero":
+            moves = moves[:1]
+        for dst, src in moves:
+            d, s = [full, full, full, ch], [full, full, full, ch]
+            d[axis], s[axis] = dst, src
+            pairs.append((tuple(d), tuple(s)))
+    return tuple(pairs)
+
+
+def apply_copies(x: torch.Tensor, pairs: tuple[tuple[Index, Index], ...], adjoint: bool,
+                 covering: bool) -> torch.Tensor:
+    """out[dst] = x[src] for every pair (its adjoint: out[src] = x[dst]); zeros where no pair
+    writes unless ``covering`` (every entry written exactly once, as for circular S)."""
+    out = torch.empty_like(x) if covering else torch.zeros_like(x)
+    for dst, src in pairs:
+        if adjoint:
+            dst, src = src, dst
+        out[dst] = x[src]
+    return out
 
 
 def reference(x: torch.Tensor, group: int, padding: str = "circular") -> torch.Tensor:
-    """Move four channel groups of size ``group`` by +-1 along h and w."""
-    g = group
-    if g == 0:
+    """Move four channel groups of size ``group`` by +-1 along h and w (any leading dims)."""
+    if group == 0:
         return x
-    up, down, left, right, rest = torch.split(x, [g, g, g, g, x.shape[-1] - 4 * g], dim=-1)
-    return torch.cat([
-        _move(up, -1, -3, padding),
-        _move(down, 1, -3, padding),
-        _move(left, -1, -2, padding),
-        _move(right, 1, -2, padding),
-        rest,
-    ], dim=-1)
+    h, w, c = x.shape[-3:]
+    x4 = x.reshape(-1, h, w, c)
+    return apply_copies(x4, shift_copies(h, w, c, group, padding), False,
+                        padding == "circular").view(x.shape)
 
 
 spatial_shift = kernel_op("shift", reference)
