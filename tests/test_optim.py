@@ -359,6 +359,39 @@ def test_lookahead_without_sync_matches_plain_optimizer():
 
 # ---------------------------------------------------------------- groups, edge cases, factory
 
+def test_sync_step_does_not_compute_the_discarded_update(monkeypatch):
+    """On a sync step each matrix is rotated once (X_slow exp(alpha S)), not twice."""
+    params, plain, targets = make_problem(5)
+    opt = ManifoldAdam([{"params": params}, {"params": plain}], lr=1e-2, lookahead_k=2)
+    calls = []
+    real = functional.exp_update
+    monkeypatch.setattr(functional, "exp_update",
+                        lambda x, u, **kw: calls.append(len(x)) or real(x, u, **kw))
+    run_steps(opt, params, plain, targets, 2)
+    assert calls == [3, 2, 3, 2]          # two stacks (8 x 8 and 12 x 12), one rotation each
+
+
+def test_stack_with_rows_at_different_steps_matches_per_matrix():
+    """A stack whose rows sync on different steps (one skipped a step): each row as alone."""
+    params, plain, targets = make_problem(6)
+    single = [OrthogonalParameter(p.detach().clone()) for p in params]
+    batched = ManifoldAdam(params, lr=1e-2, lookahead_k=2)
+    per_matrix = ManifoldAdam([{"params": [p]} for p in single], lr=1e-2, lookahead_k=2)
+    for step in range(5):
+        for opt, ps in ((batched, params), (per_matrix, single)):
+            opt.zero_grad()
+            sum(((x - t) ** 2).sum() for x, t in zip(ps, targets)).backward()
+            if step == 0:
+                ps[0].grad = None             # row 0 of the 8 x 8 stack is one step behind
+            opt.step()
+    assert batched.state[params[0]]["step"] == 4 and batched.state[params[1]]["step"] == 5
+    for a, b in zip(params, single):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    for a, b in zip(params, single):
+        torch.testing.assert_close(batched.state[a]["slow"], per_matrix.state[b]["slow"],
+                                   rtol=0, atol=1e-6)
+
+
 
 def test_group_classification():
     x, w = OrthogonalParameter(torch.eye(3)), nn.Parameter(torch.zeros(3, 4))

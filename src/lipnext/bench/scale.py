@@ -2,10 +2,11 @@
 
 1. Full width (measured on this CPU, then extrapolated per block): one ManifoldAdam step of an
    orthogonal C x C matrix with the paper's recipe (NAdam, lr 1e-3 x 0.5, Lookahead k = 5), at
-   its second step, under a FLOP counter (torch.utils.flop_counter; matrix_exp counted as its
-   degree-18 Pade: 6 + s GEMMs) and a live-storage tracker (peak temporaries above the
-   persistent weights, gradients and state). The Lookahead sync (one rotation per k steps) is
-   counted once and divided by k. A model of depth L has 2L + 1 such matrices (R, M per block,
+   its second step, gradients in Lie form (X^T G, as LipNeXt's layers deliver them), under a
+   FLOP counter (torch.utils.flop_counter; matrix_exp counted as its degree-18 Pade: 6 + s
+   GEMMs) and a live-storage tracker (peak temporaries above the persistent weights, gradients
+   and state). A Lookahead sync step (one per k) rotates X_slow by a cycle's S instead of X by
+   U: that difference is counted once and divided by k. A model of depth L has 2L + 1 such matrices (R, M per block,
    the stem); ranks own ceil((2L + 1)/W) of them.
 2. Scaling (measured, gloo, one thread per rank): DDPManifoldAdam's step at C = --scaling-width
    with --scaling-matrices matrices; each rank's process time, and the bytes each collective
@@ -30,7 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..io import atomic_write
-from ..nn import OrthogonalParameter
+from ..nn import OrthogonalParameter, mark_lie_gradient
 from ..optim import DDPManifoldAdam, ManifoldAdam
 from ..optim import functional as F
 from .ranks import run_ranks, storage_bytes
@@ -84,10 +85,23 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
+def _counted(fn: Callable[[], object]) -> int:
+    """FLOPs of fn() by torch's counter (matrix_exp as its Pade, ``_matrix_exp_flops``)."""
+    counter = FlopCounterMode(display=False,
+                              custom_mapping={torch.ops.aten.linalg_matrix_exp: _matrix_exp_flops})
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
 def full_width(c: int, chunk: int) -> dict:
-    """Counted FLOPs and measured bytes of one ManifoldAdam step on ``chunk`` C x C matrices."""
+    """Counted FLOPs and measured bytes of one ManifoldAdam step on ``chunk`` C x C matrices.
+
+    The gradients come in Lie form (X^T G, as LipNeXt's layers deliver them: ``lipnext.nn.lie``).
+    Per step: the second step, counted, plus 1/k of what a sync step costs more: the rotation
+    X_slow exp(alpha S) of a cycle's S instead of the step's own X exp(U)."""
     g = torch.Generator().manual_seed(c)
-    xs = [OrthogonalParameter(torch.eye(c) * torch.sign(torch.randn(c, generator=g)))
+    xs = [mark_lie_gradient(OrthogonalParameter(torch.eye(c) * torch.sign(torch.randn(c, generator=g))))
           for _ in range(chunk)]
     opt = ManifoldAdam(xs, lr=1e-3, nesterov=True, lookahead_k=LOOKAHEAD_K, chunk_size=chunk)
     for step in range(2):
@@ -95,25 +109,23 @@ def full_width(c: int, chunk: int) -> dict:
             x.grad = torch.randn(c, c, generator=g) * 1e-3
         if step == 0:
             opt.step()
+            first_sum = opt.state[xs[0]]["lookahead_sum"].clone()
     persistent = [*xs, *(x.grad for x in xs), *(t for st in opt.state.values() for t in st.values())]
     tracker = LiveBytes()
     tracker.known = {t.untyped_storage().data_ptr() for t in persistent}
-    counter = FlopCounterMode(display=False,
-                              custom_mapping={torch.ops.aten.linalg_matrix_exp: _matrix_exp_flops})
     t0 = time.perf_counter()
-    with counter, tracker:
-        opt.step()
+    with tracker:
+        step_flops = _counted(opt.step)
     seconds = time.perf_counter() - t0
-    step_flops = counter.get_total_flops()
     st = opt.state[xs[0]]
-    sync = FlopCounterMode(display=False,
-                           custom_mapping={torch.ops.aten.linalg_matrix_exp: _matrix_exp_flops})
-    with sync:
-        F.exp_update(st["slow"][None], 0.5 * st["lookahead_sum"][None] * LOOKAHEAD_K / 2,
-                     skew=True)                              # a cycle's S
-    u_norm = torch.linalg.matrix_norm(st["lookahead_sum"]).item()
+    u = st["lookahead_sum"] - first_sum                      # this step's U
+    rotation = _counted(lambda: F.exp_update(xs[0].detach()[None], u[None], skew=True))
+    sync = _counted(lambda: F.exp_update(st["slow"][None], 0.5 * st["lookahead_sum"][None] * LOOKAHEAD_K / 2,
+                                         skew=True))         # a cycle's S
+    u_norm = torch.linalg.matrix_norm(u).item()
     params = chunk * c * c
-    return {"C": c, "chunk": chunk, "flops_per_matrix": step_flops / chunk + sync.get_total_flops() / LOOKAHEAD_K,
+    return {"C": c, "chunk": chunk,
+            "flops_per_matrix": step_flops / chunk + (sync - rotation) / LOOKAHEAD_K,
             "persistent_bytes_per_param": storage_bytes(persistent) / params,
             "temporary_bytes_per_chunk_param": tracker.peak / params, "cpu_seconds": seconds,
             "norm_U": u_norm}

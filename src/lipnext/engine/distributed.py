@@ -31,6 +31,7 @@ from torch.distributed.tensor import DTensor
 
 from ..models import create_model
 from ..models.base import CertifiableModel
+from ..nn.lie import has_lie_gradient, mark_lie_gradient
 from ..nn.orthogonal import deferred_orthogonal, init_orthogonal_, is_orthogonal, mark_orthogonal
 from ..optim import assign_owners
 
@@ -141,9 +142,11 @@ def shard_model(model: torch.nn.Module, device: torch.device, bf16: bool = False
     ``bf16``: a ``MixedPrecisionPolicy`` gathers the parameters in bf16 for the forward and
     backward passes and reduce-scatters the gradients in fp32 (the fp32 shards stay the master
     weights). fully_shard swaps every parameter for a DTensor parameter, which loses the
-    ``OrthogonalParameter`` class; the orthogonal ones are marked again by name.
+    ``OrthogonalParameter`` class; the orthogonal ones (and those with Lie-form gradients,
+    ``lipnext.nn.lie``) are marked again by name.
     """
     orthogonal = {name for name, p in model.named_parameters() if is_orthogonal(p)}
+    lie = {name for name, p in model.named_parameters() if has_lie_gradient(p)}
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
               else MixedPrecisionPolicy())
@@ -153,6 +156,7 @@ def shard_model(model: torch.nn.Module, device: torch.device, bf16: bool = False
     for name, p in model.named_parameters():
         if name in orthogonal:
             mark_orthogonal(p)
+        mark_lie_gradient(p, name in lie)
     return model
 
 

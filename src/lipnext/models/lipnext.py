@@ -33,6 +33,7 @@ from ..ops.lipnext_block import fuses, lipnext_block
 from ..nn import (L2Pool, NormalizedLinear, OrthogonalParameter, OrthogonalPatchStem,
                   PositionalEncoding, SpatialShift, random_orthogonal)
 from ..nn.activation import BetaAbs, make_activation
+from ..nn.lie import lie_slice
 from ..nn.stem import SharedPositionalEncoding
 from .base import CertifiableConfig, CertifiableModel, check_images
 from .registry import register_arch, register_sizes
@@ -71,6 +72,10 @@ class LipNeXtBlock(nn.Module):
         r, m = spectral_norm_bound(self.R), spectral_norm_bound(self.M)
         return float(r * r * m)
 
+    #: deliver R^T dR and M^T dM as the gradients of R and M (``lipnext.nn.lie``; switched on
+    #: by ``build_optimizer`` through ``use_lie_gradients``): the optimizer then skips X^T G.
+    lie_gradients: bool = False
+
     #: torch.compile the block (fusing shift, beta-Abs, bias and positional add around
     #: the GEMMs): None = on CUDA only, True = everywhere, False = never. A block that
     #: fails to compile warns once and stays eager.
@@ -90,13 +95,19 @@ class LipNeXtBlock(nn.Module):
                           "running eager", RuntimeWarning, stacklevel=2)
             return self._eager(x)
 
+    def _mixing(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """R and M for autograd's paths: through ``lie_slice`` when gradients go in Lie form."""
+        if self.lie_gradients:
+            return lie_slice(self.R), lie_slice(self.M)
+        return self.R, self.M
+
     def _eager(self, x: torch.Tensor) -> torch.Tensor:
         """The one-function block (``ops.lipnext_block``) where it applies: beta-Abs, no autocast."""
         if not isinstance(self.act, BetaAbs) or torch.is_autocast_enabled(x.device.type):
             return block_forward(self, x)
-        r = self.R.to(x.dtype)
-        return lipnext_block(self.pos(x), r, self.M.to(x.dtype), self.bias.to(x.dtype),
-                             self.shift.group, self.shift.padding, self.act.num_abs)
+        return lipnext_block(self.pos(x), self.R.to(x.dtype), self.M.to(x.dtype), self.bias.to(x.dtype),
+                             self.shift.group, self.shift.padding, self.act.num_abs,
+                             lie=self.lie_gradients)
 
 
 def channel_mix(y: torch.Tensor, r: torch.Tensor, m: torch.Tensor,
@@ -109,10 +120,12 @@ def channel_mix(y: torch.Tensor, r: torch.Tensor, m: torch.Tensor,
 
 
 def block_forward(block: LipNeXtBlock, x: torch.Tensor) -> torch.Tensor:
-    """The eager block: act(S((X + p) R^T) R M^T + b) in rows (``channel_mix`` picks the order)."""
-    r = block.R.to(x.dtype)
+    """The block through autograd: act(S((X + p) R^T) R M^T + b) in rows (``channel_mix`` picks
+    the order); R and M as ``LipNeXtBlock._mixing`` gives them."""
+    r, m = block._mixing()
+    r = r.to(x.dtype)
     y = block.shift(block.pos(x) @ r.mT)
-    return block.act(channel_mix(y, r, block.M.to(x.dtype)) + block.bias.to(x.dtype))
+    return block.act(channel_mix(y, r, m.to(x.dtype)) + block.bias.to(x.dtype))
 
 
 @functools.cache

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..ops.patchify import patchify
+from .lie import lie_slice
 from .orthogonal import OrthogonalParameter, random_orthogonal
 
 __all__ = ["OrthogonalPatchStem", "PositionalEncoding", "SharedPositionalEncoding"]
@@ -37,6 +38,10 @@ class OrthogonalPatchStem(nn.Module):
         self.register_buffer("inv_std", None if std is None else
                              1.0 / torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
+    #: deliver Q^T G as the gradient of Q (``lipnext.nn.lie``): n C d multiply-adds here
+    #: instead of the optimizer's n^3
+    lie_gradients: bool = False
+
     def matrix(self) -> torch.Tensor:
         """W = Q[:C, :d], the linear map applied to each patch vector."""
         return self.weight[: self.width, : self.patch_dim]
@@ -49,7 +54,8 @@ class OrthogonalPatchStem(nn.Module):
         x = x - self.mean.to(x.dtype)
         if self.inv_std is not None:
             x = x * self.inv_std.to(x.dtype)
-        return patchify(x, self.patch_size) @ self.matrix().to(x.dtype).mT
+        w = lie_slice(self.weight, self.width, self.patch_dim) if self.lie_gradients else self.matrix()
+        return patchify(x, self.patch_size) @ w.to(x.dtype).mT
 
 
 class PositionalEncoding(nn.Module):

@@ -38,7 +38,6 @@ replaces ``reference`` there); the optimizer reaches it through ``optim.exp_upda
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -130,16 +129,6 @@ def _plans(flat: Tensor, a2: Tensor, prec: Precision, skew: bool) -> list[tuple[
     return [p if skew or row[2] == 0 else None for p, row in zip(plans, stats)]
 
 
-def _on_rows(w: Tensor, rows: list[int], fn: Callable[[Tensor | slice], Tensor]) -> Tensor:
-    """w with its listed rows replaced by fn(index) (the whole stack at once if all)."""
-    if not rows:
-        return w
-    if len(rows) == len(w):
-        return fn(slice(None))
-    idx = torch.tensor(rows, device=w.device)
-    return w.index_copy(0, idx, fn(idx))
-
-
 def _order6(w: Tensor, b: Tensor, b2: Tensor, prec: Precision) -> Tensor:
     """w + B^3/6 + B^3 (B + B^2/5 + B^3/30)/24 for w = B + B^2/2: Taylor order 6."""
     b3 = prec.mm(b2, b)
@@ -167,11 +156,27 @@ def exp_plans(a: Tensor, precision: str | None = None, *,
     return _plans(flat, prec.mm(flat, flat), prec, skew)
 
 
+def _planned(b: Tensor, b2: Tensor, plan: tuple[int, int], prec: Precision) -> Tensor:
+    """W_s for one plan (order, s) on a stack: B = A, B^2 = A^2 on entry (scaled here)."""
+    order, squarings = plan
+    if squarings:
+        b, b2 = b * 2.0 ** -squarings, b2.mul_(4.0 ** -squarings)
+    w = torch.add(b, b2, alpha=0.5)
+    if order == 4:
+        w = prec.addmm(w, b2, torch.add(b, b2, alpha=0.25), alpha=1 / 6)
+    elif order == 6:
+        w = _order6(w, b, b2, prec)
+    for _ in range(squarings):
+        w = prec.addmm(w, w, w, beta=2.0)
+    return w
+
+
 def reference(a: Tensor, precision: str | None = None, *, skew: bool = False) -> Tensor:
     """exp(A) - I for a batch (..., n, n), products in ``precision`` (default: A's dtype).
 
-    Returns the working dtype (float64 for fp64, else float32). Every product is one
-    batched call over the matrices that need it (one or two host syncs, for the plans).
+    Returns the working dtype (float64 for fp64, else float32). The matrices that share a
+    plan are evaluated as one stack (one batched call per product; gathered only when the
+    stack holds more than one plan), after one or two host syncs for the plans.
     ``skew=True`` promises that A is exactly skew (A = -A^T in floating point, as the
     optimizer's steps are) and skips the check; a matrix that is not gets a wrong result.
     """
@@ -180,23 +185,22 @@ def reference(a: Tensor, precision: str | None = None, *, skew: bool = False) ->
     flat = a.reshape(-1, *a.shape[-2:]).to(prec.dtype)
     a2 = prec.mm(flat, flat)
     plans = _plans(flat, a2, prec, skew)
-    general = [i for i, p in enumerate(plans) if p is None]
-    plans = [p or (2, 0) for p in plans]
-    b, b2 = flat, a2
-    if any(s for _, s in plans):
-        scale = torch.tensor([2.0 ** -s for _, s in plans], dtype=flat.dtype,
-                             device=flat.device).view(-1, 1, 1)
-        b, b2 = flat * scale, a2.mul_(scale * scale)
-    w = torch.add(b, b2, alpha=0.5)
-    w = _on_rows(w, [i for i, (k, _) in enumerate(plans) if k == 4],
-                 lambda i: prec.addmm(w[i], b2[i], torch.add(b[i], b2[i], alpha=0.25), alpha=1 / 6))
-    w = _on_rows(w, [i for i, (k, _) in enumerate(plans) if k == 6],
-                 lambda i: _order6(w[i], b[i], b2[i], prec))
-    for j in range(max(s for _, s in plans)):
-        w = _on_rows(w, [i for i, (_, s) in enumerate(plans) if s > j],
-                     lambda i: prec.addmm(w[i], w[i], w[i], beta=2.0))
-    eye = torch.eye(flat.shape[-1], dtype=flat.dtype, device=flat.device)
-    w = _on_rows(w, general, lambda i: torch.linalg.matrix_exp(flat[i]) - eye)
+    groups: dict[tuple[int, int] | None, list[int]] = {}
+    for i, plan in enumerate(plans):
+        groups.setdefault(plan, []).append(i)
+
+    def evaluate(plan: tuple[int, int] | None, b: Tensor, b2: Tensor) -> Tensor:
+        if plan is None:
+            eye = torch.eye(b.shape[-1], dtype=b.dtype, device=b.device)
+            return torch.linalg.matrix_exp(b) - eye
+        return _planned(b, b2, plan, prec)
+
+    if len(groups) == 1:
+        return evaluate(plans[0], flat, a2).view(a.shape)
+    w = torch.empty_like(flat)
+    for plan, rows in groups.items():
+        idx = torch.tensor(rows, device=flat.device)
+        w.index_copy_(0, idx, evaluate(plan, flat[idx], a2[idx]))
     return w.view(a.shape)
 
 

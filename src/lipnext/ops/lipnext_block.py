@@ -13,6 +13,11 @@ signs kept). Backward by hand, the same GEMMs as autograd's:
 With ``fuse=False`` (N <= C token rows) W is never formed: T = S(Y1) R, Z = beta_abs(T M^T + b),
 dM = G^T T, dT = G M, dR = S(Y1)^T dT + dY1^T U, dY2 = dT R^T. S^T is S with every move
 reversed (circular: S^-1). Double backward is not supported (the loss needs none).
+
+``lie=True`` returns the gradients in Lie form (``lipnext.nn.lie``), R^T dR and M^T dM, for
+the products that G alone would cost: with P = R^T dW M (two C^3 products, as dW M and
+dW^T R were), R^T dR = P + dU^T U and M^T dM = P^T fused; R^T dR = T^T dT + dU^T U and
+M^T dM = dT^T T in token order (the same token GEMMs as dR and dM).
 """
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ def fuses(x: torch.Tensor) -> bool:
 class _Block(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u: torch.Tensor, r: torch.Tensor, m: torch.Tensor, bias: torch.Tensor,
-                group: int, padding: str, k: int, fuse: bool) -> torch.Tensor:
+                group: int, padding: str, k: int, fuse: bool, lie: bool) -> torch.Tensor:
         _, h, w, c = u.shape
         pairs = shift_copies(h, w, c, group, padding)
         covering = padding == "circular"
@@ -49,7 +54,7 @@ class _Block(torch.autograd.Function):
         z[:, :k].abs_()
         ctx.save_for_backward(u, r, m, y2, mix, sign)
         ctx.shift = (pairs, covering)
-        ctx.fuse = fuse
+        ctx.fuse, ctx.lie = fuse, lie
         return z.view(u.shape)
 
     @staticmethod
@@ -64,29 +69,40 @@ class _Block(torch.autograd.Function):
             g[:, :sign.shape[1]].mul_(sign)
         rows = y2.view(-1, c)
         db = g.sum(0) if need_b else None
+        lie = ctx.lie
         if ctx.fuse:                                   # mix = W = R M^T
             dw = rows.mT @ g if need_r or need_m else None
             dy2 = g @ mix.mT
-            dr = dw @ m if need_r else None
-            dm = dw.mT @ r if need_m else None
+            if lie and (need_r or need_m):             # P = R^T dW M: R^T dR = P + ..., M^T dM = P^T
+                dr = r.mT @ (dw @ m)
+                dm = dr.mT if need_m else None
+            else:
+                dr = dw @ m if need_r else None
+                dm = dw.mT @ r if need_m else None
         else:                                          # mix = T = S(Y1) R
-            dm = g.mT @ mix if need_m else None
             dt = g @ m
-            dr = rows.mT @ dt if need_r else None
+            if lie:                                    # M^T dM = dT^T T, R^T dR = T^T dT + ...
+                dm = dt.mT @ mix if need_m else None
+                dr = mix.mT @ dt if need_r else None
+            else:
+                dm = g.mT @ mix if need_m else None
+                dr = rows.mT @ dt if need_r else None
             dy2 = dt @ r.mT
         pairs, covering = ctx.shift
         dy1 = apply_copies(dy2.view(u.shape), pairs, True, covering).view(-1, c)
-        if need_r:
-            dr = dr + dy1.mT @ u.reshape(-1, c)
-        du = (dy1 @ r).view(u.shape) if need_u else None
-        return du, dr, dm, db, None, None, None, None
+        du = dy1 @ r if need_u or (lie and need_r) else None
+        if need_r:                                     # + dY1^T U, or + dU^T U in Lie form
+            dr = dr + (du if lie else dy1).mT @ u.reshape(-1, c)
+        return (du.view(u.shape) if need_u else None), (dr if need_r else None), dm, db, \
+            None, None, None, None, None
 
 
 def lipnext_block(u: torch.Tensor, r: torch.Tensor, m: torch.Tensor, bias: torch.Tensor, group: int,
-                  padding: str, k: int, fuse: bool | None = None) -> torch.Tensor:
+                  padding: str, k: int, fuse: bool | None = None, lie: bool = False) -> torch.Tensor:
     """beta_abs(S(U R^T) R M^T + b) on channels-last U (..., h, w, C), beta-Abs on the first k
-    channels; ``fuse`` forms R M^T (default: iff the N token rows exceed C)."""
+    channels; ``fuse`` forms R M^T (default: iff the N token rows exceed C); ``lie``: the
+    gradients of R and M come as R^T dR and M^T dM."""
     if fuse is None:
         fuse = fuses(u)
     u4 = u.contiguous().view(-1, *u.shape[-3:])        # any leading dims as one batch dim
-    return _Block.apply(u4, r, m, bias, group, padding, k, fuse).view(u.shape)
+    return _Block.apply(u4, r, m, bias, group, padding, k, fuse, lie).view(u.shape)

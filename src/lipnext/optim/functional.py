@@ -4,14 +4,14 @@ ManifoldAdam (one process), DDPManifoldAdam (owner-sharded under DDP) and Sharde
 (FSDP) differ only in where X, G and the state live; each step they all call these
 functions (docs/CORE.md, Optimizer), in the spirit of torch.optim's functional ``adam()``:
 
-    A = skew(X^T G)                                           lie_gradient
+    A = skew(X^T G)                           lie_gradient; X^T G by pull_back, or from the
+                                              backward (Lie-form gradients, lipnext.nn.lie)
     c_m, c_g, 1 - b2^t                                        adam_coefficients (NAdam or Adam)
     m <- b1 m + (1 - b1) A,  v <- b2 v + (1 - b2) A * A       update_moments_
     U = -lr (D + wd skew(X)),  D = (c_m m + c_g A) / (sqrt(v / (1 - b2^t)) + eps)
                                                               manifold_step_direction
-    X <- X exp(U)                                             exp_update (U exactly skew)
-    S <- S + U; every K steps X_slow <- X_slow exp(alpha S), X <- X_slow, S <- 0
-                                                              lookahead_orthogonal_
+    X <- X exp(U); with Lookahead S <- S + U, and every K steps
+    X_slow <- X_slow exp(alpha S), X <- X_slow, S <- 0 (no X exp(U))   orthogonal_update
 
 The state tensors are modified in place; X is returned (a new tensor).
 """
@@ -23,8 +23,8 @@ from torch import Tensor
 from .exp_update import exp_update
 
 __all__ = ["adam_coefficients", "adam_foreach_", "lie_gradient", "lookahead_due",
-           "lookahead_euclidean_", "lookahead_orthogonal_", "manifold_step_direction",
-           "skew", "update_moments_"]
+           "lookahead_euclidean_", "manifold_step_direction", "orthogonal_update",
+           "pull_back", "skew", "update_moments_"]
 
 
 def skew(x: Tensor) -> Tensor:
@@ -35,6 +35,17 @@ def skew(x: Tensor) -> Tensor:
 def lie_gradient(x: Tensor, g: Tensor) -> Tensor:
     """A = (X^T G - G^T X) / 2: the Riemannian gradient at X, pulled back to the Lie algebra."""
     return skew(x.mT @ g)
+
+
+def pull_back(x: Tensor, g: Tensor, pulled: list[bool]) -> Tensor:
+    """X^T G for a stack (k, n, n); rows whose gradient is already X^T G (``pulled``, Lie form:
+    ``lipnext.nn.lie``) are kept, so they cost no product."""
+    if all(pulled):
+        return g
+    if not any(pulled):
+        return x.mT @ g
+    rows = torch.tensor([i for i, done in enumerate(pulled) if not done], device=g.device)
+    return g.index_copy(0, rows, x[rows].mT @ g[rows])
 
 
 def adam_coefficients(step: Tensor, mu_product: Tensor, betas: tuple[float, float],
@@ -64,15 +75,16 @@ def update_moments_(exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor,
     exp_avg_sq.mul_(betas[1]).addcmul_(grad, grad, value=1 - betas[1])
 
 
-def manifold_step_direction(x: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
+def manifold_step_direction(x: Tensor, xtg: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
                             c_m: Tensor, c_g: Tensor, bc2: Tensor, *, lr: float,
                             betas: tuple[float, float], eps: float,
                             weight_decay: float = 0.0) -> Tensor:
-    """The skew step U of a stack (k, n, n); the moments are updated in place.
+    """The skew step U of a stack (k, n, n) from ``xtg`` = X^T G (``pull_back``), A = skew(X^T G);
+    the moments are updated in place.
 
     ``c_m``, ``c_g``, ``bc2`` are (k, 1, 1) in the dtype of X (see ``adam_coefficients``).
     """
-    a = lie_gradient(x, g)
+    a = skew(xtg)
     update_moments_(exp_avg, exp_avg_sq, a, betas)
     scale = -lr * bc2.sqrt()          # U = scale (c_m m + c_g A) / (sqrt(v) + eps sqrt(1 - b2^t))
     denom = exp_avg_sq.sqrt().add_(eps * bc2.sqrt())
@@ -88,21 +100,36 @@ def lookahead_due(step: Tensor, k: int) -> Tensor:
     return torch.remainder(step, k) == 0
 
 
-def lookahead_orthogonal_(x: Tensor, slow: Tensor, lookahead_sum: Tensor, u: Tensor, due: Tensor,
-                          alpha: float, method: str = "fast_exp",
-                          precision: str = "fp32") -> Tensor:
-    """S <- S + U; where ``due``: X_slow <- X_slow exp(alpha S), S <- 0, X <- X_slow.
+def orthogonal_update(x: Tensor, u: Tensor, slow: Tensor | None = None,
+                      lookahead_sum: Tensor | None = None, due: Tensor | None = None,
+                      alpha: float = 0.5, method: str = "fast_exp",
+                      precision: str = "fp32") -> Tensor:
+    """X exp(U), with manifold Lookahead when ``slow`` is given: S <- S + U, and where ``due``
+    X_slow <- X_slow exp(alpha S), S <- 0, X <- X_slow.
 
-    ``slow`` and ``lookahead_sum`` are updated in place; X is returned (rows replaced)."""
+    A row that syncs restarts from X_slow, so its X exp(U) is not computed (it would be
+    discarded). ``slow`` and ``lookahead_sum`` are updated in place; X is returned (new)."""
+    rotate = dict(method=method, precision=precision, skew=True)
+    if slow is None:
+        return exp_update(x, u, **rotate)
     lookahead_sum.add_(u)
-    idx = due.nonzero().squeeze(1).to(x.device)
-    if len(idx):
-        synced = exp_update(slow[idx], alpha * lookahead_sum[idx], method=method,
-                            precision=precision, skew=True)
-        slow[idx] = synced
-        lookahead_sum[idx] = 0
-        x[idx] = synced
-    return x
+    mask = due.to(x.device)
+    if not bool(mask.any()):
+        return exp_update(x, u, **rotate)
+    if bool(mask.all()):                     # the usual case: a stack's rows sync together
+        synced = exp_update(slow, alpha * lookahead_sum, **rotate)
+        slow.copy_(synced)
+        lookahead_sum.zero_()
+        return synced
+    idx, rest = mask.nonzero().squeeze(1), (~mask).nonzero().squeeze(1)
+    synced = exp_update(slow[idx], alpha * lookahead_sum[idx], **rotate)
+    slow[idx] = synced
+    lookahead_sum[idx] = 0
+    out = torch.empty_like(x)
+    out[idx] = synced
+    if len(rest):
+        out[rest] = exp_update(x[rest], u[rest], **rotate)
+    return out
 
 
 def adam_foreach_(params: list[Tensor], grads: list[Tensor], exp_avg: list[Tensor],

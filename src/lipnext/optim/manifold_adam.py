@@ -3,6 +3,7 @@
 For an orthogonal X with Euclidean gradient G, at step t (docs/CORE.md, Optimizer):
 
     A = (X^T G - G^T X) / 2                                  Riemannian gradient, skew
+        (X^T G taken as it is from .grad where the layer delivers it: ``lipnext.nn.lie``)
     m <- b1 m + (1 - b1) A,   v <- b2 v + (1 - b2) A * A       elementwise moments
     D = (c_m m + c_g A) / (sqrt(v / (1 - b2^t)) + eps)         skew (m, A skew; v symmetric)
         Adam:  c_m = 1 / (1 - b1^t),  c_g = 0
@@ -18,7 +19,8 @@ has no meaning there. Other parameters take the same Adam/NAdam step on G with d
 
 Lookahead (``lookahead_k`` = K > 0): orthogonal X keep a slow copy X_slow and S, the sum of
 the steps U since the last sync; every K steps X_slow <- X_slow @ FastExp(alpha S), X <- X_slow,
-S <- 0. Ordinary parameters: slow <- slow + alpha (fast - slow), fast <- slow.
+S <- 0 (on those steps X @ FastExp(U) is not computed: it would be discarded). Ordinary
+parameters: slow <- slow + alpha (fast - slow), fast <- slow.
 
 ``update`` picks how X exp(U) is computed (``fast_exp``, ``exact``, ``cayley``) and
 ``precision`` its arithmetic (``auto`` = TF32 on CUDA else fp32, ``fp32``, ``fp64``, ``tf32``, ``bf16``), both passed to
@@ -41,6 +43,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ..nn.lie import has_lie_gradient
 from ..nn.orthogonal import is_orthogonal
 from ..ops.precision import PRECISIONS
 from . import functional as F
@@ -212,16 +215,16 @@ class ManifoldAdam(Optimizer):
             chunk, rows = params[i:i + size], slice(i, i + size)
             x = torch.stack(chunk).to(dtype)
             g = torch.stack([p.grad for p in chunk]).to(dtype)
+            xtg = F.pull_back(x, g, [has_lie_gradient(p) for p in chunk])
+            del g
             c_m, c_g, bc2 = (c[rows].to(x.device, dtype).view(-1, 1, 1) for c in coefficients)
             u = F.manifold_step_direction(
-                x, g, s["exp_avg"][rows], s["exp_avg_sq"][rows], c_m, c_g, bc2,
+                x, xtg, s["exp_avg"][rows], s["exp_avg_sq"][rows], c_m, c_g, bc2,
                 lr=group["lr"] * group["orthogonal_lr_scale"], betas=group["betas"],
                 eps=group["eps"], weight_decay=group["orthogonal_weight_decay"])
-            del g
-            x = F.exp_update(x, u, skew=True, **rotation)
-            if k:
-                x = F.lookahead_orthogonal_(x, s["slow"][rows], s["lookahead_sum"][rows], u,
-                                            due[rows], group["lookahead_alpha"], **rotation)
+            del xtg
+            lookahead = (s["slow"][rows], s["lookahead_sum"][rows], due[rows]) if k else ()
+            x = F.orthogonal_update(x, u, *lookahead, alpha=group["lookahead_alpha"], **rotation)
             torch._foreach_copy_(chunk, list(x.unbind(0)))
 
     def _euclidean_step(self, index: int, params: list[Tensor], group: dict[str, Any]) -> None:

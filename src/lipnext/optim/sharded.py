@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from ..nn.lie import has_lie_gradient, mark_lie_gradient
 from ..nn.orthogonal import OrthogonalParameter
 from .manifold_adam import _SCALARS
 from .owners import OwnerShardedOptimizer
@@ -62,8 +63,8 @@ class ShardedManifoldAdam(OwnerShardedOptimizer):
                 if not g["orthogonal"]:
                     self.local[id(p)] = nn.Parameter(p.to_local().detach())
                 elif self.owner[id(p)] == self.rank:
-                    self.local[id(p)] = OrthogonalParameter(
-                        torch.empty(p.shape, dtype=p.dtype, device=p.device))
+                    self.local[id(p)] = mark_lie_gradient(OrthogonalParameter(
+                        torch.empty(p.shape, dtype=p.dtype, device=p.device)), has_lie_gradient(p))
         self._build_inner(defaults)
         self._release()
 
