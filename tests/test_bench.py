@@ -169,9 +169,9 @@ def test_exp_plans_count_products_and_cli_runs(capsys):
     from lipnext.bench.exp import plan_table
     rows = plan_table([64])
     assert [r["regime"] for r in rows][0] == "first step"
-    for r in rows:
-        extra = 1 if r["regime"].startswith("Lookahead") else 2
-        assert r["step_products"] == r["exp_products"] + extra
+    for r in rows:          # FastExp, then X (E - I); X^T G only for a Euclidean gradient
+        assert r["step_products"] == r["exp_products"] + 1
+        assert r["euclidean_step_products"] == r["exp_products"] + 2
     assert main(["bench", "exp", "--sizes", "8", "--norms", "0.5", "--step-sizes", "8", "--stack", "2",
                  "--repeats", "1"]) == 0
     out = capsys.readouterr().out
