@@ -56,7 +56,6 @@ class OptimConfig:
     weight_decay: float = 0.0
     nesterov: bool = True                # NAdam
     orthogonal_lr_scale: float = 0.5
-    update: str = "fast_exp"             # rotation of the orthogonal step: fast_exp | exact | cayley
     lookahead_k: int = 5                 # manifold Lookahead every k steps (0 = off)
     lookahead_alpha: float = 0.5
     grad_clip: float = 3.0               # max global gradient norm (0 = off)
@@ -65,7 +64,8 @@ class OptimConfig:
     min_lr: float = 0.0
     update: str = "fast_exp"             # X <- X exp(U) by: fast_exp | exact | cayley
     precision: str = "auto"              # arithmetic of that update: auto (tf32 on CUDA, else fp32) | fp32 | fp64 | tf32 | bf16
-    chunk_size: Optional[int] = 8        # orthogonal matrices updated at a time (null = a whole stack)
+    chunk_size: Optional[int] = None     # orthogonal matrices updated at a time (null: as many as fit
+    #                                      512 MiB per temporary on a GPU, 8 MiB on a CPU)
 
 
 @dataclass

@@ -2,8 +2,9 @@
 
 LipNeXt step = the trainer's ``engine.TrainStep``: the Lipschitz bound when due
 (``loss.lipschitz_every``), forward, EMMA loss, backward, gradient clipping at 3, the finite
-check, ``build_optimizer``'s ManifoldAdam step (NAdam + Lookahead). The two models' steps alternate (A B A B ...), so both see the
-same machine load; the optimizer and the bound are timed inside the LipNeXt step. The twin
+check, ``build_optimizer``'s ManifoldAdam step (NAdam + Lookahead, the trainer's
+``optim.chunk_size``). The two models' steps alternate (A B A B ...), so both see the same
+machine load; the optimizer and the bound are timed inside the LipNeXt step. The twin
 has the same stem, token GEMMs (two C x C per block), pooling and head, but nn.Linear
 weights, ReLU instead of shift + beta-Abs, cross-entropy, the same clipping and
 torch.optim.Adam. ``depth`` keeps the model's width with fewer blocks (both models). Steps
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import OptimConfig
 from ..engine.distributed import DistInfo, lipschitz_bound
 from ..engine.step import TrainStep
 from ..io import atomic_write
@@ -127,7 +129,8 @@ def measure_step(model_name: str, depth: int | None, batch: int, image_size: int
     y = torch.randint(0, 10, (batch,))
     parts: dict[str, list[float]] = {"bound": [], "optimizer": []}
     times = interleaved_calls(
-        {"lipnext": lipnext_step(model, build_optimizer(model, lr=1e-3), x, y, parts),
+        {"lipnext": lipnext_step(model, build_optimizer(model, lr=1e-3, chunk_size=OptimConfig.chunk_size),
+                                 x, y, parts),
          "twin": twin_step(twin, torch.optim.Adam(twin.parameters(), lr=1e-3), x, y)}, repeats)
     ms = {k: 1e3 * median(v) for k, v in times.items()}
     bounds = parts["bound"][1:]                       # (the first call was the warm-up)
