@@ -47,6 +47,7 @@ def test_the_shift_moves_each_group_on_every_grid(grid, padding):
         grp = slice(2 * k, 2 * k + 2)
         assert torch.equal(s[..., grp], _shifted(x[..., grp], step, dim, padding))
     assert torch.equal(s[..., 8:], x[..., 8:])
+    assert torch.equal(ops.shift.functional(x, 2, padding), s)         # the form torch.compile sees
     y = torch.randn_like(x)                                             # S^T = the reversed copies
     adj = ops.shift.apply_copies(y, ops.shift.shift_copies(*grid, 11, 2, padding), True,
                                  padding == "circular")

@@ -3,7 +3,8 @@ by one position up, down, left and right, the rest unchanged. ``circular`` wraps
 (a permutation of the coordinates); ``zero`` drops what leaves the grid and lets zeros in
 (a coordinate projection followed by a permutation). S is a list of slice copies
 out[dst] = x[src] into a fresh tensor (``shift_copies``), whose adjoint S^T reverses each
-copy; ``ops.lipnext_block`` uses both directly in its hand-written backward."""
+copy; ``ops.lipnext_block`` uses both directly in its hand-written backward. Under
+torch.compile S is ``functional`` (rolls and one concatenation), which the compiler fuses."""
 from __future__ import annotations
 
 import functools
@@ -12,7 +13,7 @@ import torch
 
 from .registry import kernel_op
 
-__all__ = ["PADDINGS", "apply_copies", "reference", "shift_copies", "spatial_shift"]
+__all__ = ["PADDINGS", "apply_copies", "functional", "reference", "shift_copies", "spatial_shift"]
 
 Index = tuple[slice, ...]
 
@@ -58,8 +59,34 @@ def apply_copies(x: torch.Tensor, pairs: tuple[tuple[Index, Index], ...], adjoin
     return out
 
 
+def _moved(x: torch.Tensor, step: int, dim: int, padding: str) -> torch.Tensor:
+    """out[i] = x[i - step] along dim (step +-1): a roll, or with a zero row let in."""
+    n = x.shape[dim]
+    if padding == "circular":
+        return torch.roll(x, step, dims=dim)
+    if n == 1:
+        return torch.zeros_like(x)
+    kept = x.narrow(dim, 0, n - 1) if step > 0 else x.narrow(dim, 1, n - 1)
+    zero = torch.zeros_like(x.narrow(dim, 0, 1))
+    return torch.cat([zero, kept] if step > 0 else [kept, zero], dim)
+
+
+def functional(x: torch.Tensor, group: int, padding: str = "circular") -> torch.Tensor:
+    """S as one expression (rolls and a concatenation, no in-place writes): the form that
+    torch.compile fuses into one pass (the slice copies of ``reference`` trace into one
+    full-size scatter per copy). Equal to ``reference``, element for element."""
+    if group == 0:
+        return x
+    moved = [_moved(x[..., k * group:(k + 1) * group], step, dim, padding)
+             for k, (step, dim) in enumerate(((-1, -3), (1, -3), (-1, -2), (1, -2)))]
+    return torch.cat([*moved, x[..., 4 * group:]], -1)
+
+
 def reference(x: torch.Tensor, group: int, padding: str = "circular") -> torch.Tensor:
-    """Move four channel groups of size ``group`` by +-1 along h and w (any leading dims)."""
+    """Move four channel groups of size ``group`` by +-1 along h and w (any leading dims);
+    inside torch.compile, ``functional``."""
+    if torch.compiler.is_compiling():
+        return functional(x, group, padding)
     if group == 0:
         return x
     h, w, c = x.shape[-3:]
