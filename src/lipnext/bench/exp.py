@@ -18,7 +18,7 @@ import torch
 from ..io import atomic_write
 from ..nn import OrthogonalParameter, random_orthogonal
 from ..optim import ManifoldAdam, fast_exp
-from ..ops.exp import _norm_estimate, exp_cost, exp_plans
+from ..ops.exp import _norm_estimate, exp_cost, exp_plans, exp_work
 from .timing import median, resolve_device, time_calls
 
 __all__ = ["bench_fast_exp", "bench_manifold_step", "plan_table", "run_exp"]
@@ -66,6 +66,8 @@ def plan_table(sizes: Sequence[int]) -> list[dict[str, Any]]:
     ||U||_F = 5.3e-4 C on the first step, 3e-4 C after. A Lookahead sync step (every 5
     steps) computes FastExp of 0.5 S, S the sum of 5 steps (at most 5 x 3e-4 C: taken
     aligned, the worst case), and one product, instead of the step's own X exp(U).
+    ``step_work``: the same in units of C^3 multiply-adds, with B^2 and B^3 at 3/4 of a
+    product (``ops.exp.structured_product``).
     """
     rows = []
     for c in sizes:
@@ -77,7 +79,7 @@ def plan_table(sizes: Sequence[int]) -> list[dict[str, Any]]:
             rows.append(dict(C=c, regime=regime, norm=scale * c,
                              spectral=float(_norm_estimate((a @ a)[None])[0]),
                              plan=plan, exp_products=cost, step_products=cost + 1,
-                             euclidean_step_products=cost + 2))
+                             euclidean_step_products=cost + 2, step_work=exp_work(plan, c) + 1))
     return rows
 
 
@@ -117,11 +119,11 @@ def run_exp(sizes: Sequence[int], norms: Sequence[float], step_sizes: Sequence[i
     plan_rows = plan_table(plans)
     if plan_rows:
         lines += ["", "| C | regime | ‖U‖_F | ‖U‖_2 (estimate) | plan (order, s) | FastExp products "
-                  "| products per matrix, Lie-form gradient | with X^T G |",
-                  "|---:|---|---:|---:|---|---:|---:|---:|"]
+                  "| products per matrix, Lie-form gradient | with X^T G | C^3 multiply-adds per matrix, Lie form |",
+                  "|---:|---|---:|---:|---|---:|---:|---:|---:|"]
     lines += [f"| {r['C']} | {r['regime']} | {r['norm']:.2f} | {r['spectral']:.2f} | {r['plan']} | "
-              f"{r['exp_products']} | {r['step_products']} | {r['euclidean_step_products']} |"
-              for r in plan_rows]
+              f"{r['exp_products']} | {r['step_products']} | {r['euclidean_step_products']} | "
+              f"{r['step_work']:g} |" for r in plan_rows]
     if json_path:
         payload = json.dumps(dict(torch=torch.__version__, device=where, repeats=repeats, rows=rows,
                                   plans=plan_rows), indent=2)

@@ -47,7 +47,7 @@ from torch import Tensor
 from .precision import Precision, product
 from .registry import kernel_op
 
-__all__ = ["exp_cost", "exp_plan", "exp_plans", "fast_exp", "fast_expm1", "reference", "structured_product"]
+__all__ = ["exp_cost", "exp_plan", "exp_plans", "exp_work", "fast_exp", "fast_expm1", "reference", "structured_product"]
 
 _PRODUCTS = {2: 1, 4: 2, 6: 3}       # Taylor order -> matrix products before squaring
 _POWER_STEPS, _POWER_BLOCK, _MARGIN = 8, 4, 1.1     # the norm estimate of ``_plans``
@@ -73,6 +73,14 @@ def exp_cost(plan: tuple[int, int]) -> int:
     """Matrix products of a plan (order, squarings): the polynomial's, then the squarings."""
     order, squarings = plan
     return _PRODUCTS[order] + squarings
+
+
+def exp_work(plan: tuple[int, int], n: int) -> float:
+    """Multiply-adds of a plan on an n x n skew matrix, in units of n^3 (one product): B^2 and
+    B^3 count 3/4 from ``_STRUCTURED_MIN`` on (``structured_product``)."""
+    order, squarings = plan
+    structured = 0.75 if n >= _STRUCTURED_MIN else 1.0
+    return {2: structured, 4: structured + 1, 6: 2 * structured + 1}[order] + squarings
 
 
 def exp_plan(theta: float, u: float) -> tuple[int, int]:
