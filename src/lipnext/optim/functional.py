@@ -28,8 +28,8 @@ __all__ = ["adam_coefficients", "adam_foreach_", "lie_gradient", "lookahead_due"
 
 
 def skew(x: Tensor) -> Tensor:
-    """(X - X^T) / 2, the skew-symmetric part."""
-    return (x - x.mT) / 2
+    """(X - X^T) / 2, the skew-symmetric part (exactly antisymmetric: halving is exact)."""
+    return torch.sub(x, x.mT).mul_(0.5)
 
 
 def lie_gradient(x: Tensor, g: Tensor) -> Tensor:
