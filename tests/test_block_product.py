@@ -133,6 +133,30 @@ def test_compiled_block_equals_eager(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_compiled_block_gives_the_one_function_blocks_lie_gradients(monkeypatch):
+    """With Lie-form gradients the compiled block (autograd through lie_slice) and the eager
+    one-function block (R^T dR, M^T dM from its own backward) agree."""
+    import lipnext.models.lipnext as lipnext_module
+    from lipnext.nn import use_lie_gradients
+    monkeypatch.setattr(lipnext_module, "_COMPILE", {"broken": False})
+    torch._dynamo.reset()
+    torch.manual_seed(3)
+    block = LipNeXtBlock(16, (4, 4))
+    assert use_lie_gradients(block) == 2
+    x = torch.randn(2, 4, 4, 16)
+    grads = []
+    for compiled in (True, False):
+        monkeypatch.setattr(LipNeXtBlock, "compiled", compiled)
+        block.zero_grad()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)      # a compile failure warns
+            block(x).square().sum().backward()
+        grads.append([block.R.grad.clone(), block.M.grad.clone()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("batch,fuse", [(1, False), (2, True)])
 def test_the_one_function_block_costs_what_autograd_costs(batch, fuse):
     """N = 16 B rows, C = 24: fused 3 C^3 + 6 N C^2, token order 9 N C^2 (multiply-adds)."""
