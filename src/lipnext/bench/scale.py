@@ -6,8 +6,8 @@
    FLOP counter (torch.utils.flop_counter; matrix_exp counted as its degree-18 Pade: 6 + s
    GEMMs) and a live-storage tracker (peak temporaries above the persistent weights, gradients
    and state). A Lookahead sync step (one per k) rotates X_slow by a cycle's S instead of X by
-   U: that difference is counted once and divided by k. A model of depth L has 2L + 1 such matrices (R, M per block,
-   the stem); ranks own ceil((2L + 1)/W) of them.
+   U: that difference is counted once and divided by k. A model of depth L has 2L + 1 such
+   matrices (R, M per block, the stem); ranks own ceil((2L + 1)/W) of them.
 2. Scaling (measured, gloo, one thread per rank): DDPManifoldAdam's step at C = --scaling-width
    with --scaling-matrices matrices; each rank's process time, and the bytes each collective
    moves per rank (bandwidth-optimal volume: (W-1)/W n for reduce, broadcast, gather, scatter;

@@ -105,9 +105,9 @@ class LipNeXtBlock(nn.Module):
         """The one-function block (``ops.lipnext_block``) where it applies: beta-Abs, no autocast."""
         if not isinstance(self.act, BetaAbs) or torch.is_autocast_enabled(x.device.type):
             return block_forward(self, x)
-        return lipnext_block(self.pos(x), self.R.to(x.dtype), self.M.to(x.dtype), self.bias.to(x.dtype),
-                             self.shift.group, self.shift.padding, self.act.num_abs,
-                             lie=self.lie_gradients)
+        return lipnext_block(self.pos(x), self.R.to(x.dtype), self.M.to(x.dtype),
+                             self.bias.to(x.dtype), self.shift.group, self.shift.padding,
+                             self.act.num_abs, lie=self.lie_gradients)
 
 
 def channel_mix(y: torch.Tensor, r: torch.Tensor, m: torch.Tensor,

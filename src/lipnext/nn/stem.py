@@ -43,7 +43,10 @@ class OrthogonalPatchStem(nn.Module):
     lie_gradients: bool = False
 
     def matrix(self) -> torch.Tensor:
-        """W = Q[:C, :d], the linear map applied to each patch vector."""
+        """W = Q[:C, :d], the linear map applied to each patch vector (its gradient into Q is
+        Q^T G when ``lie_gradients``)."""
+        if self.lie_gradients:
+            return lie_slice(self.weight, self.width, self.patch_dim)
         return self.weight[: self.width, : self.patch_dim]
 
     def input_scale(self) -> float:
@@ -54,8 +57,7 @@ class OrthogonalPatchStem(nn.Module):
         x = x - self.mean.to(x.dtype)
         if self.inv_std is not None:
             x = x * self.inv_std.to(x.dtype)
-        w = lie_slice(self.weight, self.width, self.patch_dim) if self.lie_gradients else self.matrix()
-        return patchify(x, self.patch_size) @ w.to(x.dtype).mT
+        return patchify(x, self.patch_size) @ self.matrix().to(x.dtype).mT
 
 
 class PositionalEncoding(nn.Module):

@@ -127,8 +127,7 @@ def orthogonal_update(x: Tensor, u: Tensor, slow: Tensor | None = None,
     lookahead_sum[idx] = 0
     out = torch.empty_like(x)
     out[idx] = synced
-    if len(rest):
-        out[rest] = exp_update(x[rest], u[rest], **rotate)
+    out[rest] = exp_update(x[rest], u[rest], **rotate)
     return out
 
 
