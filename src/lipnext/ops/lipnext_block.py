@@ -2,12 +2,12 @@
 
     Z = beta_abs(S(U R^T) W + b),  U = X + p,  W = R M^T   (rows are tokens)
 
-Forward: one GEMM, the shift S written once into a fresh buffer by slice copies (no
-split/roll/cat), ``addmm`` for the bias, beta-Abs in place on the GEMM's output (its
+Forward: one GEMM, the shift S applied in place to its output (``ops.shift.shift_``: only
+the moved channels are copied, no split/roll/cat), ``addmm`` for the bias, beta-Abs in place on the GEMM's output (its
 signs kept). Backward by hand, the same GEMMs as autograd's:
 
     G = dZ * sign        (first k = beta C channels; 1 elsewhere)
-    db = sum G,  dW = S(Y1)^T G,  dY2 = G W^T,  dY1 = S^T dY2,
+    db = sum G,  dW = S(Y1)^T G,  dY2 = G W^T,  dY1 = S^T dY2 (in place),
     dR = dW M + dY1^T U,  dM = dW^T R,  dU = dY1 R.
 
 With ``fuse=False`` (N <= C token rows) W is never formed: T = S(Y1) R, Z = beta_abs(T M^T + b),
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .shift import apply_copies, shift_copies
+from .shift import shift_
 
 __all__ = ["lipnext_block", "fuses"]
 
@@ -39,10 +39,8 @@ class _Block(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u: torch.Tensor, r: torch.Tensor, m: torch.Tensor, bias: torch.Tensor,
                 group: int, padding: str, k: int, fuse: bool, lie: bool) -> torch.Tensor:
-        _, h, w, c = u.shape
-        pairs = shift_copies(h, w, c, group, padding)
-        covering = padding == "circular"
-        y2 = apply_copies((u.reshape(-1, c) @ r.mT).view(u.shape), pairs, False, covering)
+        c = u.shape[-1]
+        y2 = shift_((u.reshape(-1, c) @ r.mT).view(u.shape), group, padding)
         rows = y2.view(-1, c)
         if fuse:
             mix = r @ m.mT
@@ -53,7 +51,7 @@ class _Block(torch.autograd.Function):
         sign = z[:, :k].sign()
         z[:, :k].abs_()
         ctx.save_for_backward(u, r, m, y2, mix, sign)
-        ctx.shift = (pairs, covering)
+        ctx.shift = (group, padding)
         ctx.fuse, ctx.lie = fuse, lie
         return z.view(u.shape)
 
@@ -88,8 +86,7 @@ class _Block(torch.autograd.Function):
                 dm = g.mT @ mix if need_m else None
                 dr = rows.mT @ dt if need_r else None
             dy2 = dt @ r.mT
-        pairs, covering = ctx.shift
-        dy1 = apply_copies(dy2.view(u.shape), pairs, True, covering).view(-1, c)
+        dy1 = shift_(dy2.view(u.shape), *ctx.shift, adjoint=True).view(-1, c)
         du = dy1 @ r if need_u or (lie and need_r) else None
         if need_r:                                     # + dY1^T U, or + dU^T U in Lie form
             dr = dr + (du if lie else dy1).mT @ u.reshape(-1, c)

@@ -3,7 +3,8 @@ by one position up, down, left and right, the rest unchanged. ``circular`` wraps
 (a permutation of the coordinates); ``zero`` drops what leaves the grid and lets zeros in
 (a coordinate projection followed by a permutation). S is a list of slice copies
 out[dst] = x[src] into a fresh tensor (``shift_copies``), whose adjoint S^T reverses each
-copy; ``ops.lipnext_block`` uses both directly in its hand-written backward. Under
+copy. ``shift_`` applies S or S^T in place, copying only the moved channels: the form
+``ops.lipnext_block`` uses in its forward and its hand-written backward. Under
 torch.compile S is ``functional`` (rolls and one concatenation), which the compiler fuses."""
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import torch
 
 from .registry import kernel_op
 
-__all__ = ["PADDINGS", "apply_copies", "functional", "reference", "shift_copies", "spatial_shift"]
+__all__ = ["PADDINGS", "apply_copies", "functional", "reference", "shift_", "shift_copies",
+           "spatial_shift"]
 
 Index = tuple[slice, ...]
 
@@ -57,6 +59,23 @@ def apply_copies(x: torch.Tensor, pairs: tuple[tuple[Index, Index], ...], adjoin
             dst, src = src, dst
         out[dst] = x[src]
     return out
+
+
+def shift_(x: torch.Tensor, group: int, padding: str, adjoint: bool = False) -> torch.Tensor:
+    """S(x) (``adjoint``: S^T(x)) in place on channels-last x (B, h, w, C): the kept channels
+    4g: stay where they are, the 4g moved ones are copied once into a buffer and back into
+    their new places (half the bytes of ``apply_copies`` into a fresh tensor at g = C/8)."""
+    if group == 0:
+        return x
+    _, h, w, c = x.shape
+    moved = x[..., :4 * group].clone()
+    if padding != "circular":                     # zero padding: the let-in entries stay 0
+        x[..., :4 * group].zero_()
+    for dst, src in shift_copies(h, w, c, group, padding)[1:]:   # [0] is the kept channels
+        if adjoint:
+            dst, src = src, dst
+        x[dst] = moved[src]
+    return x
 
 
 def _moved(x: torch.Tensor, step: int, dim: int, padding: str) -> torch.Tensor:
