@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import lipnext.ops.exp as ops_exp
 from lipnext.nn import random_orthogonal
 from lipnext.optim import exp_plan, exp_update, fast_exp, fast_expm1
 from lipnext.ops.exp import (_norm_estimate, exp_cost, exp_plans, structured_product,
@@ -92,6 +93,26 @@ def test_plan_meets_the_bound_with_the_fewest_products():
         assert all(truncation_bound(o, t, theta) > u for o, t in cheaper if t >= 0)
     assert exp_cost((2, 0)) == 1 and exp_cost((4, 3)) == 5 and exp_cost((6, 1)) == 4
 
+
+
+def brute_force_plan(theta, u):
+    """Every plan by cost, cheapest first; at a cost the one with the smallest bound."""
+    for cost in range(1, 200):
+        plans = [(o, cost - exp_cost((o, 0))) for o in (2, 4, 6) if cost >= exp_cost((o, 0))]
+        err, plan = min((truncation_bound(o, t, theta), (o, t)) for o, t in plans)
+        if err <= u:
+            return plan
+
+
+@pytest.mark.parametrize("u", [2.0 ** -8, 2.0 ** -24, 2.0 ** -53])       # bf16, fp32, fp64
+def test_plan_is_the_brute_force_plan_also_at_the_cost_limits(u):
+    """exp_plan skips the costs whose precomputed limit is below theta: the same plan as trying
+    every cost, on a sweep and on both sides of each limit."""
+    thetas = [10.0 ** (e / 8) for e in range(-64, 25)]
+    limits = [ops_exp._cost_limit(cost, u) for cost in range(1, 12)]
+    thetas += [lim * (1 + d) for lim in limits for d in (-1e-9, -1e-12, 0.0, 1e-12, 1e-9)]
+    for theta in thetas:
+        assert exp_plan(theta, u) == brute_force_plan(theta, u), theta
 
 def test_norm_estimate_is_close_below_the_spectral_norm():
     for kind in (gaussian_skew, nadam_like_skew):

@@ -296,6 +296,31 @@ def test_state_dict_round_trip_is_bit_identical():
             assert torch.equal(value, opt2.state[b][key]), key
 
 
+
+@pytest.mark.parametrize("how", ["assign", "data", "in_place"])
+def test_state_replaced_by_the_user_is_what_the_next_step_uses(how):
+    """The stacked buffers notice a state tensor that was replaced (a new object, or new memory
+    behind the old one through .data) and re-stack; in-place edits act on the rows directly."""
+    runs = []
+    for edit in (how, "reference"):
+        params, plain, targets = make_problem(4)
+        opt = make_opt(params, plain)
+        run_steps(opt, params, plain, targets, 2)
+        for p in (params[1], plain[1]):
+            state = opt.state[p]
+            if edit == "assign":
+                state["exp_avg"] = torch.zeros_like(state["exp_avg"])
+            elif edit == "data":
+                state["exp_avg"].data = torch.zeros_like(state["exp_avg"])
+            else:
+                state["exp_avg"].zero_()
+        if edit == "reference":                          # the same state, stacked from scratch
+            opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+        run_steps(opt, params, plain, targets, 2)
+        runs.append([p.detach().clone() for p in params + plain])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
 def test_batched_equals_per_matrix():
     params, plain, targets = make_problem(2)
     single = [OrthogonalParameter(p.detach().clone()) for p in params]

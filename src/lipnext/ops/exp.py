@@ -39,6 +39,7 @@ replaces ``reference`` there); the optimizer reaches it through ``optim.exp_upda
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -84,15 +85,36 @@ def exp_work(plan: tuple[int, int], n: int) -> float:
     return {2: structured, 4: structured + 1, 6: 2 * structured + 1}[order] + squarings
 
 
+def _plans_of_cost(cost: int) -> list[tuple[int, int]]:
+    return [(k, cost - base) for k, base in _PRODUCTS.items() if cost >= base]
+
+
+@functools.cache
+def _cost_limit(cost: int, u: float) -> float:
+    """The largest theta for which some plan of ``cost`` products meets u (bisection, from
+    below: truncation_bound grows with theta), so costs whose limit is below theta are skipped."""
+    best = 0.0
+    for k, s in _plans_of_cost(cost):
+        lo, hi = 0.0, 2.0 ** s            # b = theta / 2^s < 1
+        for _ in range(200):
+            mid = (lo + hi) / 2
+            if mid in (lo, hi):
+                break
+            lo, hi = (mid, hi) if truncation_bound(k, s, mid) <= u else (lo, mid)
+        best = max(best, lo)
+    return best
+
+
 def exp_plan(theta: float, u: float) -> tuple[int, int]:
     """(order, squarings): the cheapest plan with truncation bound <= u for skew A, ||A||_2 <= theta."""
     if not math.isfinite(theta):
         return 4, 0                       # the result is inf/nan whatever the plan
     s_min = max(0, math.floor(math.log2(theta)) + 1) if theta > 0 else 0   # b < 1
     cost = 1 + s_min
+    while _cost_limit(cost, u) < theta * (1 - 1e-9):   # no plan of this cost can meet u
+        cost += 1
     while True:
-        plans = [(k, cost - base) for k, base in _PRODUCTS.items() if cost >= base]
-        err, plan = min((truncation_bound(k, s, theta), (k, s)) for k, s in plans)
+        err, plan = min((truncation_bound(k, s, theta), (k, s)) for k, s in _plans_of_cost(cost))
         if err <= u:
             return plan
         cost += 1

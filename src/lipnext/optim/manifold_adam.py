@@ -71,12 +71,6 @@ def auto_chunk(p: Tensor, dtype: torch.dtype) -> int:
     return max(1, budget // (p.numel() * dtype.itemsize))
 
 
-def _is_row(t: Tensor | None, buf: Tensor, i: int) -> bool:
-    """True if t is the i-th row of buf (a view sharing its memory)."""
-    return (t is not None and t.dtype == buf.dtype and t.shape == buf.shape[1:]
-            and t.data_ptr() == buf.data_ptr() + i * buf.stride(0) * buf.element_size())
-
-
 def _coefficients(step: Tensor, mu_product: Tensor,
                   group: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
     return F.adam_coefficients(step, mu_product, group["betas"], group["momentum_decay"],
@@ -122,8 +116,9 @@ class ManifoldAdam(Optimizer):
                         orthogonal_weight_decay=orthogonal_weight_decay,
                         lookahead_k=lookahead_k, lookahead_alpha=lookahead_alpha,
                         update=update, precision=precision)
-        # (group index, shape, dtype, device) -> (ids of the stacked params, stacked buffers)
-        self._stacks: dict[tuple, tuple[tuple[int, ...], dict[str, Tensor]]] = {}
+        # (group index, shape, dtype, device) -> (ids of the stacked params, stacked buffers,
+        # the rows handed out as state tensors, their data pointers)
+        self._stacks: dict[tuple, tuple[tuple[int, ...], dict[str, Tensor], list[Tensor], list[int]]] = {}
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -197,13 +192,15 @@ class ManifoldAdam(Optimizer):
 
     def _stacked(self, key: tuple, params: list[Tensor], names: tuple[str, ...],
                  dtype: torch.dtype | None = None) -> dict[str, Tensor]:
-        """Buffers (one per name) whose rows are the params' state tensors; rebuilt if stale."""
+        """Buffers (one per name) whose rows are the params' state tensors; rebuilt if stale:
+        a state tensor that is not the row handed out (or no longer at its memory) re-stacks."""
         ids = tuple(map(id, params))
         cached = self._stacks.get(key)
-        if (cached is not None and cached[0] == ids and set(cached[1]) == set(names)
-                and all(_is_row(self.state[p].get(n), buf, i)
-                        for n, buf in cached[1].items() for i, p in enumerate(params))):
-            return cached[1]
+        if cached is not None and cached[0] == ids and set(cached[1]) == set(names):
+            current = [self.state[p].get(n) for n in cached[1] for p in params]
+            if (all(t is row for t, row in zip(current, cached[2]))
+                    and [t.data_ptr() for t in current] == cached[3]):
+                return cached[1]
         bufs = {}
         for n in names:
             to = dict(dtype=torch.float32, device="cpu") if n in _SCALARS else \
@@ -211,7 +208,8 @@ class ManifoldAdam(Optimizer):
             bufs[n] = torch.stack([self.state[p][n].to(**to) for p in params])
             for p, row in zip(params, bufs[n].unbind(0)):
                 self.state[p][n] = row
-        self._stacks[key] = (ids, bufs)
+        rows = [self.state[p][n] for n in bufs for p in params]
+        self._stacks[key] = (ids, bufs, rows, [t.data_ptr() for t in rows])
         return bufs
 
     def _orthogonal_step(self, index: int, params: list[Tensor], group: dict[str, Any]) -> None:
