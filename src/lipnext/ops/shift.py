@@ -61,20 +61,42 @@ def apply_copies(x: torch.Tensor, pairs: tuple[tuple[Index, Index], ...], adjoin
     return out
 
 
+@functools.cache
+def _moves(shape: tuple[int, ...], group: int, padding: str) -> tuple[tuple[tuple[int, ...], int, int, int, int], ...]:
+    """The moves of ``shift_copies`` as (size, offset of dst in x, of src in the buffer, of src
+    in x, of dst in the buffer) for contiguous x (B, h, w, C) and buffer (B, h, w, 4g)."""
+    b, h, w, c = shape
+    xs, ms = (h * w * c, w * c, c, 1), (h * w * 4 * group, w * 4 * group, 4 * group, 1)
+
+    def place(index: Index) -> tuple[tuple[int, ...], int, int]:
+        spans = [sl.indices(n)[:2] for sl, n in zip(index, shape)]
+        return (tuple(hi - lo for lo, hi in spans), sum(lo * st for (lo, _), st in zip(spans, xs)),
+                sum(lo * st for (lo, _), st in zip(spans, ms)))
+
+    moves = []
+    for dst, src in shift_copies(h, w, c, group, padding)[1:]:   # [0] is the kept channels
+        (size, dst_x, dst_m), (_, src_x, src_m) = place(dst), place(src)
+        moves.append((size, dst_x, src_m, src_x, dst_m))
+    return tuple(moves)
+
+
 def shift_(x: torch.Tensor, group: int, padding: str, adjoint: bool = False) -> torch.Tensor:
-    """S(x) (``adjoint``: S^T(x)) in place on channels-last x (B, h, w, C): the kept channels
-    4g: stay where they are, the 4g moved ones are copied once into a buffer and back into
-    their new places (half the bytes of ``apply_copies`` into a fresh tensor at g = C/8)."""
+    """S(x) (``adjoint``: S^T(x)) in place on contiguous channels-last x (B, h, w, C): the kept
+    channels 4g: stay where they are, the 4g moved ones are copied once into a buffer and back
+    into their new places (half the bytes of ``apply_copies`` into a fresh tensor at g = C/8),
+    each copy between two precomputed strided views."""
     if group == 0:
         return x
-    _, h, w, c = x.shape
-    moved = x[..., :4 * group].clone()
+    if not x.is_contiguous():
+        raise ValueError("shift_ needs a contiguous (B, h, w, C) tensor")
+    moved = x[..., :4 * group].clone(memory_format=torch.contiguous_format)
     if padding != "circular":                     # zero padding: the let-in entries stay 0
         x[..., :4 * group].zero_()
-    for dst, src in shift_copies(h, w, c, group, padding)[1:]:   # [0] is the kept channels
-        if adjoint:
-            dst, src = src, dst
-        x[dst] = moved[src]
+    xs, ms, base = x.stride(), moved.stride(), x.storage_offset()
+    for size, dst_x, src_m, src_x, dst_m in _moves(tuple(x.shape), group, padding):
+        if adjoint:                               # S^T: x[src] = moved[dst]
+            dst_x, src_m = src_x, dst_m
+        x.as_strided(size, xs, base + dst_x).copy_(moved.as_strided(size, ms, src_m))
     return x
 
 
