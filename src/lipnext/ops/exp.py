@@ -48,8 +48,8 @@ from torch import Tensor
 from .precision import Precision, product
 from .registry import kernel_op
 
-__all__ = ["exp_cost", "exp_plan", "exp_plans", "exp_work", "fast_exp", "fast_expm1", "reference",
-           "structured_product"]
+__all__ = ["exact_expm1", "exp_cost", "exp_plan", "exp_plans", "exp_work", "fast_exp", "fast_expm1",
+           "reference", "structured_product"]
 
 _PRODUCTS = {2: 1, 4: 2, 6: 3}       # Taylor order -> matrix products before squaring
 _POWER_STEPS, _POWER_BLOCK, _MARGIN = 8, 4, 1.1     # the norm estimate of ``_plans``
@@ -213,6 +213,11 @@ def exp_plans(a: Tensor, precision: str | None = None, *,
     return _plans(flat, _square(flat, prec, skew), prec, skew)
 
 
+def exact_expm1(a: Tensor) -> Tensor:
+    """exp(A) - I by ``torch.linalg.matrix_exp``: where A is not skew, and ``update="exact"``."""
+    return torch.linalg.matrix_exp(a) - torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+
+
 def _planned(b: Tensor, b2: Tensor, plan: tuple[int, int], prec: Precision) -> Tensor:
     """W_s for one plan (order, s) on a stack: B = A, B^2 = A^2 on entry (scaled here)."""
     order, squarings = plan
@@ -247,10 +252,7 @@ def reference(a: Tensor, precision: str | None = None, *, skew: bool = False) ->
         groups.setdefault(plan, []).append(i)
 
     def evaluate(plan: tuple[int, int] | None, b: Tensor, b2: Tensor) -> Tensor:
-        if plan is None:
-            eye = torch.eye(b.shape[-1], dtype=b.dtype, device=b.device)
-            return torch.linalg.matrix_exp(b) - eye
-        return _planned(b, b2, plan, prec)
+        return exact_expm1(b) if plan is None else _planned(b, b2, plan, prec)
 
     if len(groups) == 1:
         return evaluate(plans[0], flat, a2).view(a.shape)

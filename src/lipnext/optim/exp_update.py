@@ -17,16 +17,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..ops.exp import fast_expm1
+from ..ops.exp import exact_expm1, fast_expm1
 from ..ops.precision import product
 
 __all__ = ["METHODS", "exp_update"]
 
 METHODS = ("fast_exp", "exact", "cayley")
-
-
-def _exact_expm1(a: Tensor) -> Tensor:
-    return torch.linalg.matrix_exp(a) - torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
 
 
 def _cayley_expm1(a: Tensor) -> Tensor:
@@ -54,7 +50,7 @@ def exp_update(x: Tensor, a: Tensor, *, method: str = "fast_exp", precision: str
     if method == "fast_exp":
         w = fast_expm1(aw, precision, skew=skew)
     else:
-        w = (_exact_expm1 if method == "exact" else _cayley_expm1)(aw)
+        w = (exact_expm1 if method == "exact" else _cayley_expm1)(aw)
     flat, w = xw.reshape(-1, *x.shape[-2:]), w.reshape(-1, *w.shape[-2:])
     if x.dtype.itemsize <= prec.dtype.itemsize:
         return prec.addmm(flat, flat, w).view(x.shape).to(x.dtype)
