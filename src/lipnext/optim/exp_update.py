@@ -11,12 +11,17 @@ and every matrix product (those inside fast_expm1, and X W) runs in ``precision`
 ||W|| ~ ||A||, the product's rounding error is about u ||X|| ||A||: the low-precision
 arithmetic only ever touches the small quantities, and the orthogonality drift of X
 stays at the fp32 level (tests/test_fast_exp.py).
+
+With ``fast_exp`` and a skew A, a matrix that is zero outside its first k <= n/16 rows and
+columns (the step of the patch stem's Q, whose layer reads only k columns) takes
+``ops.border_exp`` instead: the same X exp(A), exactly, in O(n^2 k).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from ..ops.border_exp import border_exp_update, border_widths
 from ..ops.exp import exact_expm1, fast_expm1
 from ..ops.precision import product
 
@@ -46,12 +51,32 @@ def exp_update(x: Tensor, a: Tensor, *, method: str = "fast_exp", precision: str
             or x.shape[:-2] != a.shape[:-2]):
         raise ValueError(f"exp_update needs X (..., m, n) and A (..., n, n) with the same batch "
                          f"shape, got {tuple(x.shape)} and {tuple(a.shape)}")
+    flat_x, flat_a = x.reshape(-1, *x.shape[-2:]), a.reshape(-1, *a.shape[-2:])
+    widths = border_widths(flat_a) if method == "fast_exp" and skew else [None]
+    if all(k is None for k in widths):
+        return _dense_update(flat_x, flat_a, method, precision, skew).view(x.shape)
+    groups: dict[int | None, list[int]] = {}
+    for i, k in enumerate(widths):
+        groups.setdefault(k, []).append(i)
+    if len(groups) == 1:
+        return border_exp_update(flat_x, flat_a, widths[0], prec).view(x.shape)
+    out = torch.empty_like(flat_x)
+    for k, rows in groups.items():
+        idx = torch.tensor(rows, device=x.device)
+        xs, us = flat_x[idx], flat_a[idx]
+        out[idx] = (_dense_update(xs, us, method, precision, skew) if k is None
+                    else border_exp_update(xs, us, k, prec))
+    return out.view(x.shape)
+
+
+def _dense_update(x: Tensor, a: Tensor, method: str, precision: str, skew: bool) -> Tensor:
+    """X + X (E - I) for stacks (b, m, n), (b, n, n), E - I by ``method``, in X's dtype."""
+    prec = product(precision, x.device)
     xw, aw = x.to(prec.dtype), a.to(prec.dtype)
     if method == "fast_exp":
         w = fast_expm1(aw, precision, skew=skew)
     else:
         w = (exact_expm1 if method == "exact" else _cayley_expm1)(aw)
-    flat, w = xw.reshape(-1, *x.shape[-2:]), w.reshape(-1, *w.shape[-2:])
     if x.dtype.itemsize <= prec.dtype.itemsize:
-        return prec.addmm(flat, flat, w).view(x.shape).to(x.dtype)
-    return x + prec.mm(flat, w).view(x.shape).to(x.dtype)
+        return prec.addmm(xw, xw, w).to(x.dtype)
+    return x + prec.mm(xw, w).to(x.dtype)
