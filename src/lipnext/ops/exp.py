@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -48,7 +49,7 @@ from torch import Tensor
 from .precision import Precision, product
 from .registry import kernel_op
 
-__all__ = ["exact_expm1", "exp_cost", "exp_plan", "exp_plans", "exp_work", "fast_exp", "fast_expm1",
+__all__ = ["exact_expm1", "exp_cost", "grouped", "exp_plan", "exp_plans", "exp_work", "fast_exp", "fast_expm1",
            "reference", "structured_product"]
 
 _PRODUCTS = {2: 1, 4: 2, 6: 3}       # Taylor order -> matrix products before squaring
@@ -233,6 +234,24 @@ def _planned(b: Tensor, b2: Tensor, plan: tuple[int, int], prec: Precision) -> T
     return w
 
 
+def grouped(keys: list, fn: Callable[..., Tensor], *stacks: Tensor) -> Tensor:
+    """fn(key, *rows) on the rows of ``stacks`` that share a key, reassembled in row order:
+    one call on the whole stacks (no gather) when every row has the same key."""
+    groups: dict = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    if len(groups) == 1:
+        return fn(keys[0], *stacks)
+    out = None
+    for key, rows in groups.items():
+        idx = torch.tensor(rows, device=stacks[0].device)
+        part = fn(key, *(s[idx] for s in stacks))
+        if out is None:
+            out = part.new_empty((len(keys), *part.shape[1:]))
+        out.index_copy_(0, idx, part)
+    return out
+
+
 def reference(a: Tensor, precision: str | None = None, *, skew: bool = False) -> Tensor:
     """exp(A) - I for a batch (..., n, n), products in ``precision`` (default: A's dtype).
 
@@ -247,20 +266,11 @@ def reference(a: Tensor, precision: str | None = None, *, skew: bool = False) ->
     flat = a.reshape(-1, *a.shape[-2:]).to(prec.dtype)
     a2 = _square(flat, prec, skew)
     plans = _plans(flat, a2, prec, skew)
-    groups: dict[tuple[int, int] | None, list[int]] = {}
-    for i, plan in enumerate(plans):
-        groups.setdefault(plan, []).append(i)
 
     def evaluate(plan: tuple[int, int] | None, b: Tensor, b2: Tensor) -> Tensor:
         return exact_expm1(b) if plan is None else _planned(b, b2, plan, prec)
 
-    if len(groups) == 1:
-        return evaluate(plans[0], flat, a2).view(a.shape)
-    w = torch.empty_like(flat)
-    for plan, rows in groups.items():
-        idx = torch.tensor(rows, device=flat.device)
-        w.index_copy_(0, idx, evaluate(plan, flat[idx], a2[idx]))
-    return w.view(a.shape)
+    return grouped(plans, evaluate, flat, a2).view(a.shape)
 
 
 fast_expm1 = kernel_op("exp", reference)

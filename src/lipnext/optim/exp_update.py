@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 
 from ..ops.border_exp import border_exp_update, border_widths
-from ..ops.exp import exact_expm1, fast_expm1
-from ..ops.precision import product
+from ..ops.exp import exact_expm1, fast_expm1, grouped
+from ..ops.precision import Precision, product
 
 __all__ = ["METHODS", "exp_update"]
 
@@ -52,26 +52,19 @@ def exp_update(x: Tensor, a: Tensor, *, method: str = "fast_exp", precision: str
         raise ValueError(f"exp_update needs X (..., m, n) and A (..., n, n) with the same batch "
                          f"shape, got {tuple(x.shape)} and {tuple(a.shape)}")
     flat_x, flat_a = x.reshape(-1, *x.shape[-2:]), a.reshape(-1, *a.shape[-2:])
-    widths = border_widths(flat_a) if method == "fast_exp" and skew else [None]
-    if all(k is None for k in widths):
-        return _dense_update(flat_x, flat_a, method, precision, skew).view(x.shape)
-    groups: dict[int | None, list[int]] = {}
-    for i, k in enumerate(widths):
-        groups.setdefault(k, []).append(i)
-    if len(groups) == 1:
-        return border_exp_update(flat_x, flat_a, widths[0], prec).view(x.shape)
-    out = torch.empty_like(flat_x)
-    for k, rows in groups.items():
-        idx = torch.tensor(rows, device=x.device)
-        xs, us = flat_x[idx], flat_a[idx]
-        out[idx] = (_dense_update(xs, us, method, precision, skew) if k is None
-                    else border_exp_update(xs, us, k, prec))
-    return out.view(x.shape)
+    widths = border_widths(flat_a) if method == "fast_exp" and skew else [None] * len(flat_a)
+
+    def rotate(k: int | None, xs: Tensor, us: Tensor) -> Tensor:
+        if k is None:
+            return _dense_update(xs, us, method, precision, prec, skew)
+        return border_exp_update(xs, us, k, prec)
+
+    return grouped(widths, rotate, flat_x, flat_a).view(x.shape)
 
 
-def _dense_update(x: Tensor, a: Tensor, method: str, precision: str, skew: bool) -> Tensor:
+def _dense_update(x: Tensor, a: Tensor, method: str, precision: str, prec: Precision,
+                  skew: bool) -> Tensor:
     """X + X (E - I) for stacks (b, m, n), (b, n, n), E - I by ``method``, in X's dtype."""
-    prec = product(precision, x.device)
     xw, aw = x.to(prec.dtype), a.to(prec.dtype)
     if method == "fast_exp":
         w = fast_expm1(aw, precision, skew=skew)
