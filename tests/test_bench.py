@@ -173,8 +173,8 @@ def test_exp_plans_count_products_and_cli_runs(capsys):
         assert r["step_products"] == r["exp_products"] + 1
         assert r["euclidean_step_products"] == r["exp_products"] + 2
         assert r["step_work"] == r["step_products"]             # C = 64: no structured products
-    big = plan_table([512])[0]                                  # order 6 at 512: B^2, B^3 at 3/4
-    assert big["plan"][0] == 6 and big["step_work"] == big["step_products"] - 0.5
+    big = plan_table([512])[0]                                  # order 6 at 512: B^2, B^3 at 9/16
+    assert big["plan"][0] == 6 and big["step_work"] == big["step_products"] - 2 * 7 / 16
     assert main(["bench", "exp", "--sizes", "8", "--norms", "0.5", "--step-sizes", "8", "--stack", "2",
                  "--repeats", "1"]) == 0
     out = capsys.readouterr().out

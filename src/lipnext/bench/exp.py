@@ -66,8 +66,8 @@ def plan_table(sizes: Sequence[int]) -> list[dict[str, Any]]:
     ||U||_F = 5.3e-4 C on the first step, 3e-4 C after. A Lookahead sync step (every 5
     steps) computes FastExp of 0.5 S, S the sum of 5 steps (at most 5 x 3e-4 C: taken
     aligned, the worst case), and one product, instead of the step's own X exp(U).
-    ``step_work``: the same in units of C^3 multiply-adds, with B^2 and B^3 at 3/4 of a
-    product (``ops.exp.structured_product``).
+    ``step_work``: the same in units of C^3 multiply-adds, with B^2 and B^3 at 9/16 of a
+    product from C = 512 on (``ops.exp.structured_product``).
     """
     rows = []
     for c in sizes:

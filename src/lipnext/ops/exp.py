@@ -11,8 +11,9 @@ For each matrix A of a batch (skew-symmetric in the optimizer) and B = A / 2^s
 
 A^2 is the first product (B^2 = A^2 / 4^s is exact), so orders 2, 4 and 6 cost 1 + s,
 2 + s and 3 + s matrix products (order 3 would cost what order 4 costs). For skew A,
-A^2 is symmetric and B^3 skew: from C = 512 on each is computed as 3/4 of a product
-(``structured_product``: the top rows and one corner block; the other corner by symmetry). Carrying
+A^2 is symmetric and B^3 skew: from C = 512 on each is computed as 9/16 of a product
+(``structured_product``: eight row blocks, each from its diagonal block on; the blocks
+below the diagonal by symmetry). Carrying
 W = E - I rather than E keeps each rounding error proportional to ||A||, not to
 ||E|| = 1.
 
@@ -54,7 +55,8 @@ __all__ = ["exact_expm1", "exp_cost", "grouped", "exp_plan", "exp_plans", "exp_w
 
 _PRODUCTS = {2: 1, 4: 2, 6: 3}       # Taylor order -> matrix products before squaring
 _POWER_STEPS, _POWER_BLOCK, _MARGIN = 8, 4, 1.1     # the norm estimate of ``_plans``
-_STRUCTURED_MIN = 512        # from here on B^2 and B^3 take 3/4 of a product (measured on a CPU)
+_STRUCTURED_MIN = 512        # from here on B^2 and B^3 are block-triangular products (measured on a CPU)
+_STRUCTURED_BLOCKS = 8       # row blocks of ``structured_product``: 9/16 of a product
 
 
 def truncation_bound(order: int, squarings: int, theta: float) -> float:
@@ -80,9 +82,10 @@ def exp_cost(plan: tuple[int, int]) -> int:
 
 def exp_work(plan: tuple[int, int], n: int) -> float:
     """Multiply-adds of a plan on an n x n skew matrix, in units of n^3 (one product): B^2 and
-    B^3 count 3/4 from ``_STRUCTURED_MIN`` on (``structured_product``)."""
+    B^3 count (q + 1) / 2q from ``_STRUCTURED_MIN`` on (``structured_product``)."""
     order, squarings = plan
-    structured = 0.75 if n >= _STRUCTURED_MIN else 1.0
+    q = _STRUCTURED_BLOCKS
+    structured = (q + 1) / (2 * q) if n >= _STRUCTURED_MIN else 1.0
     return {2: structured, 4: structured + 1, 6: 2 * structured + 1}[order] + squarings
 
 
@@ -166,19 +169,21 @@ def _plans(flat: Tensor, a2: Tensor, prec: Precision, skew: bool) -> list[tuple[
 
 def structured_product(a: Tensor, b: Tensor, prec: Precision, sign: int) -> Tensor:
     """A B for a stack whose products are known to be symmetric (``sign`` 1: B^2 of a skew B)
-    or skew (-1: B^2 B), in 3/4 of the multiply-adds: the top rows A[:h] B, the block
-    [h:, h:] as A[h:] B[:, h:], and the block [h:, :h] = sign ([:h, h:])^T (each entry is
-    a dot product that the full product computes too). Below ``_STRUCTURED_MIN`` rows it is
-    one product."""
+    or skew (-1: B^2 B), in (q + 1) / 2q of the multiply-adds (q = ``_STRUCTURED_BLOCKS``):
+    with the rows cut into q blocks, block row i is computed from its diagonal block on,
+    A[rows_i] B[:, rows_i:], and the blocks left of the diagonal are sign x the transposes of
+    those above it (each entry is a dot product that the full product computes too). Below
+    ``_STRUCTURED_MIN`` rows it is one product."""
     n = a.shape[-1]
-    h = n // 2
     if n < _STRUCTURED_MIN:
         return prec.mm(a, b)
+    edges = [n * i // _STRUCTURED_BLOCKS for i in range(_STRUCTURED_BLOCKS + 1)]
     out = torch.empty_like(a)
-    out[:, :h] = prec.mm(a[:, :h], b)
-    out[:, h:, h:] = prec.mm(a[:, h:], b[:, :, h:])
-    corner = out[:, :h, h:].mT
-    out[:, h:, :h] = corner if sign > 0 else -corner
+    for lo, hi in zip(edges, edges[1:]):
+        out[:, lo:hi, lo:] = prec.mm(a[:, lo:hi], b[:, :, lo:])
+        if hi < n:
+            above = out[:, lo:hi, hi:].mT
+            out[:, hi:, lo:hi] = above if sign > 0 else -above
     return out
 
 
@@ -195,7 +200,7 @@ def _check_square(a: Tensor) -> None:
 
 
 def _square(flat: Tensor, prec: Precision, skew: bool) -> Tensor:
-    """A^2 of a stack: 3/4 of a product when A is skew (``structured_product``)."""
+    """A^2 of a stack: 9/16 of a product when A is skew (``structured_product``)."""
     return structured_product(flat, flat, prec, 1) if skew else prec.mm(flat, flat)
 
 
