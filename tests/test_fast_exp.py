@@ -8,8 +8,8 @@ import torch
 import lipnext.ops.exp as ops_exp
 from lipnext.nn import random_orthogonal
 from lipnext.optim import exp_plan, exp_update, fast_exp, fast_expm1
-from lipnext.ops.exp import (_STRUCTURED_BLOCKS, _norm_estimate, exp_cost, exp_plans, structured_product,
-                             truncation_bound)
+from lipnext.ops.exp import (_STRUCTURED_BLOCKS, _norm_estimate, exp_cost, exp_plans,
+                             structured_product, truncation_bound)
 from lipnext.ops.precision import PRECISIONS, product, round_tf32
 
 

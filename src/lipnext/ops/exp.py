@@ -13,9 +13,8 @@ A^2 is the first product (B^2 = A^2 / 4^s is exact), so orders 2, 4 and 6 cost 1
 2 + s and 3 + s matrix products (order 3 would cost what order 4 costs). For skew A,
 A^2 is symmetric and B^3 skew: from C = 512 on each is computed as 9/16 of a product
 (``structured_product``: eight row blocks, each from its diagonal block on; the blocks
-below the diagonal by symmetry). Carrying
-W = E - I rather than E keeps each rounding error proportional to ||A||, not to
-||E|| = 1.
+below the diagonal by symmetry). Carrying W = E - I rather than E keeps each rounding
+error proportional to ||A||, not to ||E|| = 1.
 
 Plan (``exp_plan``), per matrix: the fewest products whose truncation bound
 2^s r_k(b) (1 + r_k(b))^(2^s - 1), b = theta / 2^s, is at most the unit roundoff u of the
