@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import lipnext
+from lipnext.certify import UnsoundClaim
 from lipnext.io import load_model, save_model
 from lipnext.nn import SpatialShift, spatial_shift
 from lipnext.nn.activation import BetaAbs, make_activation
@@ -16,6 +17,7 @@ from lipnext.nn.minmax import MinMax
 from lipnext.nn.stem import PositionalEncoding, SharedPositionalEncoding
 from lipnext.optim import ManifoldAdam, build_optimizer
 from lipnext.optim.exp_update import METHODS, exp_update
+from lipnext.rounding import scale
 from lipnext.verify import empirical_lipschitz
 
 
@@ -192,21 +194,32 @@ def test_no_pair_breaks_the_bound(kw):
 
 
 def test_the_search_catches_a_broken_activation():
-    """Control: an activation of Lipschitz constant 1.5 is caught by the same search."""
+    """Control: an activation of Lipschitz constant 1.5 that declares 1 is caught by the same
+    search, and certify refuses the claim (its float64 step multiplies by 1.5)."""
     m = _randomize(tiny(activation="identity"))
     for b in m.blocks:
         b.act = _Scale(1.5)
     res = empirical_lipschitz(m, torch.rand(8, 1, 8, 8), steps=40, restarts=2, rtol=1e-9)
     assert not res.passed
+    with pytest.raises(UnsoundClaim, match="below"):
+        lipnext.certify(m, torch.rand(2, 1, 8, 8), torch.zeros(2, dtype=torch.long))
 
 
 class _Scale(nn.Module):
+    """x -> c x, whose declared bound (1) ignores c."""
+
     def __init__(self, c: float):
         super().__init__()
         self.c = c
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c * x
+
+    def lipschitz_bound(self) -> float:
+        return 1.0
+
+    def rounding_steps(self, name: str) -> list:
+        return [scale(self.c, name=name)]
 
 
 # ------------------------------------------------------------------ orthogonal update

@@ -4,8 +4,8 @@ import torch
 
 from lipnext.models import create_model
 from lipnext.models.lipnext import LipNeXtBlock
-from lipnext.nn import (OrthogonalPatchStem, has_lie_gradient, lie_slice, random_orthogonal,
-                        use_lie_gradients)
+from lipnext.nn import (OrthogonalPatchStem, has_lie_gradient, lie_form_gradients, lie_slice,
+                        random_orthogonal, use_lie_gradients)
 from lipnext.optim import build_optimizer
 from lipnext.optim.functional import pull_back
 
@@ -83,18 +83,19 @@ def test_pull_back_only_multiplies_the_euclidean_rows():
 def _train(lie: bool, steps: int = 6) -> dict[str, torch.Tensor]:
     torch.manual_seed(3)
     model = create_model("lipnext_l4w64", image_size=16).double()
-    opt = build_optimizer(model, lr=1e-2, precision="fp64", lie_gradients=lie)
+    opt = build_optimizer(model, lr=1e-2, precision="fp64")
     x, y = torch.rand(4, 3, 16, 16, dtype=torch.float64), torch.randint(0, 10, (4,))
     for _ in range(steps):
         opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
-        opt.step()
+        with lie_form_gradients(model, lie):
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            opt.step()
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def test_training_with_lie_gradients_follows_the_euclidean_path():
-    """build_optimizer's Lie-form gradients change which products run, not the trajectory
+    """Lie-form gradients (the engine's opt-in) change which products run, not the trajectory
     (float64, gradient clipping on: ||X^T G||_F = ||G||_F), through a Lookahead sync."""
     start = _train(True, steps=0)
     a, b = _train(True), _train(False)

@@ -8,7 +8,7 @@ from torch import nn
 import lipnext
 from lipnext import ops
 from lipnext.nn.activation import BetaAbs
-from lipnext.nn.modes import evaluating, frozen
+from lipnext.modes import evaluating, frozen
 from lipnext.nn.pool import L2Pool
 from lipnext.nn.shift import SpatialShift
 from lipnext.ops import registry

@@ -9,11 +9,13 @@ from torch import nn
 
 import lipnext
 from lipnext import cli
+from lipnext.certify import Float32EstimateWarning, UnsoundClaim, float32_estimate
 from lipnext.data import load_digits
 from lipnext.losses import emma_loss
 from lipnext.nn import random_orthogonal
 from lipnext.optim import build_optimizer, retract_model
-from lipnext.rounding import exact, float64_twin, linear
+from lipnext.program import float64_twin
+from lipnext.rounding import exact, linear
 from lipnext.verify import (Budget, attack_certified, certify_float64, ddn_attack, empirical_lipschitz,
                             head_check, orthogonality_check, pgd_attack, precision_check, verify_model)
 
@@ -122,7 +124,10 @@ def test_bound_that_ignores_the_std_division_is_caught(trained, digits):
     claim(m, f["stem"] * f["blocks"])                                    # forgets 1/min(std)
     res = empirical_lipschitz(m, xt[:8], steps=30, restarts=2)
     assert not res.passed and res.details["ratio"] > 2
-    cert = lipnext.certify(m, xt, yt)
+    with pytest.raises(UnsoundClaim, match="below"):                     # certify refuses the claim
+        lipnext.certify(m, xt, yt)
+    with pytest.warns(Float32EstimateWarning):                          # radii with the claim anyway
+        cert = float32_estimate(m, xt, yt)
     att = attack_certified(m, xt, yt, cert, steps=10, restarts=2, ddn_steps=30)
     assert not att.passed and att.details["counterexamples"] > 0
 
@@ -135,7 +140,10 @@ def test_unsound_certificates_give_verified_counterexamples(trained, digits):
         for b in m.blocks:
             b.R.mul_(1.5)
     claim(m, 1.0)
-    cert = lipnext.certify(m, xt, yt)
+    with pytest.raises(UnsoundClaim, match=r"L = 1 \(model.lipschitz_bound\(\)\) is below"):
+        lipnext.certify(m, xt, yt)
+    with pytest.warns(Float32EstimateWarning):        # what the claim would certify: attacked
+        cert = float32_estimate(m, xt, yt)
     res = attack_certified(m, xt, yt, cert, eps=EPS, steps=10, restarts=2, ddn_steps=30)
     assert not res.passed and res.details["counterexamples"] > 0
     for c in res.details["examples"]:       # each is re-checked here, independently
@@ -143,7 +151,7 @@ def test_unsound_certificates_give_verified_counterexamples(trained, digits):
     rep = verify_model(m, xt, yt, eps=EPS, budget=FAST)
     assert not rep.passed
     assert not rep["orthogonality"].passed and not rep["empirical_lipschitz"].passed
-    assert not rep["attack"].passed
+    assert not rep["certify"].passed and "below" in rep["certify"].summary
 
 
 class _UnnormalisedHead(nn.Module):
@@ -181,7 +189,7 @@ def test_pgd_and_ddn_match_the_exact_distance_of_a_linear_model():
         y = m(x).argmax(1)
         z = m(x).double()
     w = m.head_weight().double()
-    cert = lipnext.certify(m, x, y, rounding_guard=False)   # exact for a linear model with L = 1
+    cert, _ = certify_float64(m, x, y)                      # the formula: exact for a linear model with L = 1
     d_true = cert.radius.float()
     _, ok_above = pgd_attack(m, x, y, d_true * 1.02, steps=30, restarts=3, box=False)
     _, ok_below = pgd_attack(m, x, y, d_true * 0.98, steps=30, restarts=2, box=False)
@@ -218,7 +226,7 @@ def test_margin_within_rounding_error_is_not_certified(trained, digits):
     y = torch.tensor([a])
     margin = float(z[a] - z.clone().index_fill_(0, torch.tensor([a]), -math.inf).max())
     assert 0 < margin < 1e-5
-    unguarded = lipnext.certify(m, x, y, rounding_guard=False)
+    unguarded, _ = certify_float64(m, x, y)
     assert unguarded.certified(0.0).item()          # exact-arithmetic formula would certify it
     guarded = lipnext.certify(m, x, y)
     assert guarded.certified(0.0).item() and guarded.radius.item() < margin   # float64 vouches for 1e-6
@@ -237,9 +245,6 @@ def test_guard_lowers_radii_only_by_the_proven_float64_allowance(trained, digits
     keep = c0.correct & (c0.radius > 0.01)
     assert (c1.radius <= c0.radius).all() and (c1.radius[keep] > 0).all()
     assert ((c0.radius - c1.radius)[keep] < 1e-9).all()
-    for bad in (-1.0, 1e-3):
-        with pytest.raises(ValueError, match="rounding_guard"):
-            lipnext.certify(m, xt, yt, rounding_guard=bad)
 
 
 # ---------------------------------------------------------------- any model with the interface
@@ -281,6 +286,10 @@ class LinearModel(nn.Module):
         a = self.A.detach().double()
         return [exact(lambda h: h.flatten(1), "flatten"), linear(a / torch.linalg.matrix_norm(a, ord=2))]
 
+    def head_program(self):
+        """(W, b) of the head, as forward_head uses them."""
+        return self.head_weight().detach().double(), self.b.detach().double()
+
 
 def test_verify_works_for_a_model_without_orthogonal_weights():
     torch.manual_seed(0)
@@ -294,7 +303,7 @@ def test_verify_works_for_a_model_without_orthogonal_weights():
     lip = rep["empirical_lipschitz"].details["empirical"]
     assert lip == pytest.approx(1.0, abs=1e-3)     # a linear map attains its norm
     bad = verify_model(LinearModel(claimed=0.5), x, y, eps=(0.05,), budget=FAST)
-    assert not bad.passed and not bad["empirical_lipschitz"].passed and not bad["attack"].passed
+    assert not bad.passed and not bad["empirical_lipschitz"].passed and not bad["certify"].passed
 
 
 def test_report_formats():
@@ -365,7 +374,7 @@ def test_apgd_and_fab_match_the_exact_distance_of_a_linear_model():
     x = 0.5 + 0.02 * torch.rand(20, 1, 3, 4)          # far inside the box
     with torch.no_grad():
         y = m(x).argmax(1)
-    d_true = lipnext.certify(m, x, y, rounding_guard=False).radius.float()
+    d_true = certify_float64(m, x, y)[0].radius.float()
     keep = d_true < 0.45                               # within the box around every point
     _, dist = fab_attack(m, x[keep], y[keep], steps=50)
     ratio = dist / d_true[keep]

@@ -43,4 +43,5 @@ class OrthogonalDense(nn.Module):
 
     def rounding_steps(self, name: str) -> list[Step]:
         """h -> h W^T -> + b in float64, with their rounding bounds."""
-        return [linear(self.matrix(), name), translate(self.bias, self.out_features, f"{name}.bias")]
+        w = self.matrix()
+        return [linear(w, name, lip=float(spectral_norm_bound(w))), translate(self.bias, f"{name}.bias")]

@@ -3,7 +3,8 @@
     f = MinMax(W_k ... MinMax(W_1 flatten(x - mean) + b_1) ... + b_k),   z = W f + b
 
 with orthogonal dense layers W_i (``layers.OrthogonalDense``) and a normalised head, so
-L = prod_i ||W_i||_2 (MinMax and the mean are 1-Lipschitz). ``import toy_mlp.model``
+L = prod_i ||W_i||_2 (MinMax and the mean are 1-Lipschitz). The base's ``lipschitz_factors`` multiplies the bounds of ``layers`` and ``act``, and its
+``head_program`` is the head's ``affine_map()``. ``import toy_mlp.model``
 registers the architecture ``toy_mlp`` and the named size ``toy_mlp_l2w64``; from then on
 ``lipnext.create_model``, ``lipnext.train``, ``certify``, ``verify``, ``save_model`` and
 ``load_model`` take it like any other model, and so does the command line with
@@ -20,6 +21,7 @@ from torch import nn
 from lipnext.models import (CertifiableConfig, CertifiableModel, check_images, register_arch,
                             register_sizes)
 from lipnext.nn import MinMax, NormalizedLinear
+from lipnext.program import steps_of
 from lipnext.rounding import Step, exact, translate
 
 from .layers import OrthogonalDense
@@ -64,11 +66,11 @@ class ToyMLP(CertifiableModel):
         return h
 
     def rounding_program(self) -> list[Step]:
-        """forward_features as float64 steps (lipnext.rounding), for certify's rounding bound."""
-        steps = [translate(-self.mean, self.in_chans * math.prod(self.image_size), "mean"),
-                 exact(lambda h: h.flatten(1), "flatten")]
+        """forward_features as float64 steps (lipnext.rounding), assembled from the layers' own
+        (lipnext.program.steps_of checks that each layer carries its certificate)."""
+        steps = [translate(-self.mean, "mean"), exact(lambda h: h.flatten(1), "flatten")]
         for i, layer in enumerate(self.layers):
-            steps += [*layer.rounding_steps(f"layers.{i}"), exact(self.act, f"layers.{i}.act")]
+            steps += [*steps_of(layer, f"layers.{i}"), *steps_of(self.act, "act")]
         return steps
 
 

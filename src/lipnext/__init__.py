@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 _NAMES = {"Certificate": "certify", "certify": "certify", "load_model": "io", "save_model": "io",
           "LipNeXt": "models", "create_model": "models", "list_models": "models"}
 SUBMODULES = ("bench", "bounds", "certify", "config", "data", "demo", "engine", "io", "losses",
-              "models", "nn", "ops", "optim", "report", "train", "verify")
+              "models", "nn", "ops", "optim", "program", "report", "rounding", "train", "verify")
 
 __all__ = [*sorted(_NAMES), *SUBMODULES, "__version__"]
 

@@ -1,14 +1,32 @@
-"""Sound upper bounds on spectral norms, computed from the weights as they are.
+"""Sound upper bounds on matrix norms, computed from the weights as they are, by proof.
 
-For a matrix W with smaller-side Gram matrix G (W^T W or W W^T) and E = G - I:
+Every bound here holds for the exact real-number matrix stored in the tensor, for every
+finite matrix at every scale (subnormal to the float64 maximum), with its own float64
+arithmetic rounded upward (u = 2^-53, gamma_n = n u / (1 - n u); docs/RELIABILITY.md,
+Spectral norms):
 
-    sigma_max(W)^2 = lambda_max(G) <= min(1 + ||E||_F, max_i sum_j |G_ij|)
+* **Scaling.** W is first multiplied by the power of two 2^s that puts max |W_ij| in [1, 2)
+  (``scale_pow2``): exact, except entries that fall below 2^-1022 when s < 0, each moved by
+  at most 2^-1074. Every bound is computed on W_s = 2^s W and multiplied back by 2^-s, so
+  no Gram entry, sum or square ever under- or overflows in a way that matters.
+* **Gram bound** (``spectral_norm_bound``). G = W_s^T W_s (the smaller side, k x k, inner
+  length n) is computed as Ĝ with |Ĝ - G| <= gamma_n |W_s|^T |W_s| + n TINY entrywise (any
+  summation order, with or without FMA; no Strassen-like GEMM), so
+  ||Ĝ - G||_2 <= gamma_n ||W_s||_F^2 + k n TINY. For any matrix A, ||A||_2 <= 1 + ||A - I||_F
+  and ||A||_2 <= sqrt(||A||_1 ||A||_inf), hence
 
-(the Frobenius norm bounds the spectral norm of E; the second term is Gershgorin's
-disc bound), so the bound is sound for any W and equals 1 + O(drift) for a nearly
-orthogonal one. G is formed in float64; the
-rounding error of that product, at most gamma_n ||W||_F^2 with gamma_n = n u/(1 - n u),
-is added on top, so the bound holds for the exact real-number matrix stored in W.
+      sigma_max(W_s)^2 = ||G||_2 <= min(1 + ||Ĝ - I||_F, sqrt(||Ĝ||_1 ||Ĝ||_inf)) + ||Ĝ - G||_2.
+
+  The first term is 1 + O(drift) for a nearly orthogonal W; the second is exact for a
+  rank-one Gram and never cancels (the diagonal of Ĝ enters it as is, never as
+  fl(fl(Ĝ - I) + I)). Ĝ - I is formed entrywise (relative error u). TINY = 2^-1021 is the
+  absolute error that one float64 operation can suffer from underflow (2^-1075 under
+  gradual underflow; below 2^-1022 under flush-to-zero of a result or an input).
+* ``abs_norm_bound``: || |A| ||_2 <= sqrt(||A||_1 ||A||_inf), the same way.
+* ``operator_norm_bound``: LAPACK's float64 SVD, sigma_max (1 + SLACK) + TINY, for matrices
+  that are not near-isometries (BRO matrices and spectra, LiResNet's residual operators).
+  It rests on LAPACK's backward-stable SVD (|sigma^ - sigma| <= p(n) u sigma_max), an
+  assumption stated in docs/RELIABILITY.md, not a proof.
 
 A circular (wrap-around) convolution with kernel K (C_out, C_in, k, k) on an n1 x n2 grid
 is block-diagonalised by the 2-D DFT (Sedghi, Gupta, Long, ICLR 2019): its singular values
@@ -27,14 +45,17 @@ returns 0 for rows one float32 ulp apart); ``distance_upper`` rounds them up sou
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = ["spectral_norm_bound", "operator_norm_bound", "circular_conv_spectrum", "residual_kernel",
-           "residual_conv_norm_bound", "gram_error", "pairwise_distances", "distance_upper", "gamma",
-           "abs_norm_bound", "SLACK"]
+           "residual_conv_norm_bound", "pairwise_distances", "distance_upper", "gamma",
+           "abs_norm_bound", "scale_pow2", "round_up", "SLACK", "TINY", "U64"]
 
-_U64 = 2.0 ** -53
-_CHUNK = 2 ** 22  # float64 entries of one block of differences (32 MiB)
+U64 = 2.0 ** -53
+TINY = 2.0 ** -1021   # absolute error of one float64 operation through underflow (module doc)
+_CHUNK = 2 ** 22      # float64 entries of one block of differences (32 MiB)
 # Relative slack added to a float64 singular value: LAPACK's SVD returns each sigma
 # with error at most p(n) u sigma_max (p a modest polynomial, u = 2^-53), and the
 # float64 FFT of a kernel perturbs K_hat(f) by at most ~log2(n1 n2) u ||K||_F
@@ -43,19 +64,107 @@ _CHUNK = 2 ** 22  # float64 entries of one block of differences (32 MiB)
 SLACK = 1e-9
 
 
-def gamma(n: int, u: float = _U64) -> float:
+def gamma(n: int, u: float = U64) -> float:
     """gamma_n = n u / (1 - n u): the relative error bound of a length-n float sum or dot product."""
     if n * u >= 0.5:
         raise ValueError(f"gamma_{n} is undefined for unit roundoff {u} (n u >= 1/2)")
     return n * u / (1 - n * u)
 
 
+def round_up(x: torch.Tensor, rel: float) -> torch.Tensor:
+    """An upper bound of q >= 0 from a computed x = q (1 + d), |d| <= rel <= 1/4, x >= 0:
+    x (1 + 2 rel + 4 u) + TINY (the product's own rounding, and an x in the subnormal range)."""
+    return x * (1.0 + 2.0 * rel + 4.0 * U64) + TINY
+
+
+def scale_pow2(w: torch.Tensor, dims: tuple[int, ...] = (-2, -1)) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W_s, s): W_s = 2^s W with max |W_s| in [1, 2) over ``dims`` (s = 0 for an all-zero W).
+
+    Multiplying by a power of two is exact unless an entry leaves the normal range; the
+    factor is applied in steps of at most 2^1000 towards [1, 2), so the largest entry never
+    overflows and only entries below 2^-1022 of W_s (when s < 0) are rounded."""
+    amax = w.abs().amax(dim=dims, keepdim=True)
+    _, e = torch.frexp(amax)                  # amax = m 2^e, m in [0.5, 1)
+    s = torch.where(amax > 0, 1 - e, torch.zeros_like(e)).to(torch.float64)
+    out, left = w, s
+    for _ in range(3):                        # |s| <= 1076 + 1024 < 3000
+        part = left.clamp(-1000, 1000)
+        out = out * torch.pow(2.0, part).to(out.dtype)
+        left = left - part
+    return out, s
+
+
+def spectral_norm_bound(w: torch.Tensor) -> torch.Tensor:
+    """Upper bound on sigma_max(W) by proof (module doc), batched over leading dims; float64.
+    inf for a matrix with a non-finite entry."""
+    w64 = w.detach().to(torch.float64)
+    m, n = w64.shape[-2], w64.shape[-1]
+    inner, k = max(m, n), min(m, n)
+    finite = torch.isfinite(w64).all(dim=-1).all(dim=-1)
+    w64 = torch.where(finite[..., None, None], w64, torch.zeros_like(w64))
+    ws, s = scale_pow2(w64)
+    g = ws.mT @ ws if m >= n else ws @ ws.mT
+    eye = torch.eye(k, dtype=torch.float64, device=g.device)
+    # ||Ĝ - G||_2 <= gamma_n ||W_s||_F^2 + k n TINY
+    fro2 = round_up(ws.square().sum(dim=(-2, -1)), gamma(m * n)) + m * n * TINY
+    gram_err = round_up(gamma(inner) * fro2, 2 * U64) + k * inner * TINY
+    # 1 + ||Ĝ - I||_F: the entries of Ĝ - I carry a relative error u, their squares may underflow
+    e_fro = round_up(torch.linalg.matrix_norm(g - eye, ord="fro"), gamma(k * k + 2) + U64) + k * math.sqrt(TINY)
+    near_identity = round_up(1.0 + e_fro, U64)
+    # sqrt(||Ĝ||_1 ||Ĝ||_inf): sums of k non-negative terms, one product, one square root
+    a = g.abs()
+    rows = round_up(a.sum(-1).amax(-1), gamma(k))
+    cols = round_up(a.sum(-2).amax(-1), gamma(k))
+    gershgorin = round_up(torch.sqrt(round_up(rows * cols, U64)), U64)
+    lam = round_up(torch.minimum(near_identity, gershgorin) + gram_err, U64)
+    sigma_s = round_up(torch.sqrt(lam), U64)
+    # back to W's scale; when s < 0 the scaling moved entries by <= 2^-1074 (Frobenius sqrt(mn) 2^-1074)
+    lost = (s[..., 0, 0] < 0).to(torch.float64) * (math.sqrt(m * n) * 2.0 ** -1074)
+    sigma = round_up(scale_pow2_back(sigma_s + lost, s[..., 0, 0]), U64)
+    return torch.where(finite, sigma, torch.full_like(sigma, math.inf))
+
+
+def scale_pow2_back(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """x 2^-s for a non-negative x (the inverse of ``scale_pow2``), in steps of at most 2^1000."""
+    out, left = x, -s
+    for _ in range(3):
+        part = left.clamp(-1000, 1000)
+        out = out * torch.pow(2.0, part)
+        left = left - part
+    return out
+
+
+def abs_norm_bound(a: torch.Tensor) -> float:
+    """Upper bound of || |A| ||_2 for a (batch of) real or complex matrix: sqrt(||A||_1 ||A||_inf),
+    computed in float64 on 2^s A and rounded up; inf if A has a non-finite entry."""
+    a = a.detach()
+    m = (a.to(torch.complex128) if a.is_complex() else a.to(torch.float64)).abs()
+    if not bool(torch.isfinite(m).all()):
+        return math.inf
+    ms, s = scale_pow2(m, dims=tuple(range(m.dim())))
+    cols = round_up(ms.sum(-2).amax(), gamma(m.shape[-2]) + 4 * U64)   # |z| of a complex entry: <= 2u
+    rows = round_up(ms.sum(-1).amax(), gamma(m.shape[-1]) + 4 * U64)
+    norm_s = round_up(torch.sqrt(round_up(rows * cols, U64)), U64)
+    return float(round_up(scale_pow2_back(norm_s, s.reshape(())), U64))
+
+
+def operator_norm_bound(mats: torch.Tensor) -> float:
+    """Upper bound on max over a batch of sigma_max(A), from float64 (complex128) SVDs of 2^s A,
+    with LAPACK's error covered by SLACK (module doc); inf for a non-finite entry."""
+    a = mats.detach()
+    a = a.to(torch.complex128) if a.is_complex() else a.to(torch.float64)
+    if not bool(torch.isfinite(torch.view_as_real(a) if a.is_complex() else a).all()):
+        return math.inf
+    scaled, s = scale_pow2(a, dims=tuple(range(a.dim())))
+    sigma = torch.linalg.svdvals(scaled).amax()
+    return float(round_up(scale_pow2_back(sigma * (1.0 + SLACK), s.reshape(())), U64))
+
+
 def pairwise_distances(w: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
     """||w_i - w_j||_2 for i in ``rows`` (default all) and every j: (len(rows), K) float64.
 
     Direct differences in float64, in blocks of rows; relative error <= gamma_{C+2}
-    (difference, squares and sum, square root), so 0 only for identical rows.
-    """
+    (difference, squares and sum, square root), so 0 only for identical rows."""
     w64 = w.detach().to(torch.float64)
     idx = torch.arange(w64.shape[0], device=w64.device) if rows is None else rows.to(w64.device)
     step = max(1, _CHUNK // max(1, w64.numel()))
@@ -65,41 +174,9 @@ def pairwise_distances(w: torch.Tensor, rows: torch.Tensor | None = None) -> tor
 
 
 def distance_upper(dist: torch.Tensor, dim: int) -> torch.Tensor:
-    """An upper bound of the exact distances from ``pairwise_distances`` of rows of length dim."""
-    return dist * (1 + gamma(dim + 3))
-
-
-def gram_error(w: torch.Tensor) -> torch.Tensor:
-    """E = G - I for the smaller-side Gram matrix G of (a batch of) W, in float64."""
-    w64 = w.detach().to(torch.float64)
-    g = w64.mT @ w64 if w64.shape[-2] >= w64.shape[-1] else w64 @ w64.mT
-    return g - torch.eye(g.shape[-1], dtype=torch.float64, device=g.device)
-
-
-def spectral_norm_bound(w: torch.Tensor) -> torch.Tensor:
-    """Upper bound on sigma_max(W) (batched over leading dims), float64 tensor."""
-    e = gram_error(w)
-    n = max(w.shape[-2], w.shape[-1])
-    rounding = (n * _U64 / (1 - n * _U64)) * w.detach().to(torch.float64).square().sum(dim=(-2, -1))
-    fro = 1.0 + torch.linalg.matrix_norm(e, ord="fro")
-    gershgorin = (e + torch.eye(e.shape[-1], dtype=e.dtype, device=e.device)).abs().sum(-1).amax(-1)
-    lam = torch.minimum(fro, gershgorin) + rounding
-    return torch.sqrt(lam.clamp_min(0.0))
-
-
-def abs_norm_bound(a: torch.Tensor) -> float:
-    """Upper bound of || |A| ||_2 for a (batch of) real or complex matrix: sqrt(||A||_1 ||A||_inf),
-    computed in float64 and rounded up (1 + 1e-6)."""
-    m = a.abs().to(torch.float64)
-    return (m.sum(-2).amax().item() * m.sum(-1).amax().item()) ** 0.5 * (1.0 + 1e-6)
-
-
-def operator_norm_bound(mats: torch.Tensor) -> float:
-    """Sound upper bound on max over a batch of sigma_max(A), from float64 SVDs + slack."""
-    a = mats.detach()
-    a = a.to(torch.complex128) if a.is_complex() else a.to(torch.float64)
-    sigma = torch.linalg.svdvals(a).amax().item()
-    return sigma * (1.0 + SLACK)
+    """An upper bound of the exact distances from ``pairwise_distances`` of rows of length dim
+    (squares that underflow lose at most dim TINY of a sum: sqrt(dim TINY) of a distance)."""
+    return dist * (1 + gamma(dim + 3)) + math.sqrt(dim * TINY)
 
 
 def circular_conv_spectrum(kernel: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

@@ -64,6 +64,8 @@ class OptimConfig:
     min_lr: float = 0.0
     update: str = "fast_exp"             # X <- X exp(U) by: fast_exp | exact | cayley
     precision: str = "auto"              # arithmetic of that update: auto (tf32 on CUDA, else fp32) | fp32 | fp64 | tf32 | bf16
+    lie_gradients: bool = True           # the training step's orthogonal gradients as X^T G (one product
+    #                                      per matrix less in the optimizer; only inside the step)
     chunk_size: Optional[int] = None     # orthogonal matrices updated at a time (null: as many as fit
     #                                      512 MiB per temporary on a GPU, 8 MiB on a CPU)
 
@@ -86,7 +88,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
     precision: str = "auto"              # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
-    compile: bool = False                # torch.compile the model
+    compile: str = "auto"                # torch.compile: auto (on CUDA) | true | false (LipNeXt: each block)
     activation_checkpointing: bool = False
     retraction: str = "auto"             # polar retraction: auto (newton_schulz on CUDA, else svd) | svd | newton_schulz | none (no per-epoch retraction)
     eval_every: int = 1                  # certify the val split every N epochs (0 = never)
@@ -137,7 +139,8 @@ class Config:
 _CHOICES = {"loss.name": ("emma", "margin", "ce"), "train.precision": ("auto", "bf16", "fp32"),
             "train.on_nan": ("stop", "rollback"), "certify.rule": RULES,
             "certify.split": (*SPLITS, "none"), "dist.strategy": ("auto", "none", "ddp", "fsdp"),
-            "dist.backend": ("auto", "nccl", "gloo"), "augment.pad_mode": ("reflect", "zeros")}
+            "dist.backend": ("auto", "nccl", "gloo"), "augment.pad_mode": ("reflect", "zeros"),
+            "train.compile": ("auto", "true", "false")}
 
 
 def _choices() -> dict[str, tuple[str, ...]]:
@@ -150,6 +153,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
 
 
 def _check(cfg: Config) -> Config:
+    cfg.train.compile = str(cfg.train.compile).lower()     # true/false may arrive as YAML booleans
     for key, choices in _choices().items():
         value = OmegaConf.select(cfg, key)
         if value not in choices:

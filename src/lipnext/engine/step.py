@@ -3,6 +3,12 @@
     L = lipschitz_bound(model) when due (rank 0, broadcast); loss = loss_fn(forward(x), y,
     W_head, L, eps, T) (bf16 autocast if asked); backward; clip the global gradient norm;
     loss and norm finite on every rank, else no update; optimizer.step() at lr.
+
+``lie_gradients`` (``optim.lie_gradients``, on by default): the step's own forward and
+backward deliver X^T G for the orthogonal weights of the layers that can
+(``lipnext.nn.lie_form_gradients``), one product per matrix less in the optimizer; the
+switch is off again when the step returns and the gradients are released, so outside the
+step ``.grad`` holds what autograd computes.
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ..models.base import CertifiableModel
+from ..nn.lie import lie_form_gradients
 from .distributed import DistInfo, all_true, clip_gradients, lipschitz_bound
 
 __all__ = ["TrainStep", "LossHook"]
@@ -36,6 +43,7 @@ class TrainStep:
     grad_clip: float = math.inf        # max global gradient norm
     temperature: float = 1.0
     loss_hook: LossHook | None = None  # (step, loss) -> loss, a test hook
+    lie_gradients: bool = True         # the step's gradients in Lie form (module doc)
 
     def __call__(self, step: int, x: torch.Tensor, y: torch.Tensor, lr: float, eps: float,
                  lipschitz: float | None) -> dict[str, float] | None:
@@ -43,6 +51,14 @@ class TrainStep:
             g["lr"] = lr
         if lipschitz is None:
             lipschitz = lipschitz_bound(self.model, self.info, self.device)
+        with lie_form_gradients(self.model, self.lie_gradients):
+            try:
+                return self._update(step, x, y, lr, eps, lipschitz)
+            finally:
+                self.optimizer.zero_grad(set_to_none=True)
+
+    def _update(self, step: int, x: torch.Tensor, y: torch.Tensor, lr: float, eps: float,
+                lipschitz: float) -> dict[str, float] | None:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             logits = self.forward(x)
         loss = self.loss_fn(logits.float(), y, self.model.head_weight(), lipschitz, eps, self.temperature)

@@ -21,7 +21,7 @@ import functools
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -33,8 +33,10 @@ from ..data import Augment, BatchSource, get_dataset, parse_spec
 from ..io import atomic_write, save_model
 from ..losses import LOSSES, eps_schedule
 from ..models.base import CertifiableModel, check_images
+from ..models.lipnext import LipNeXtBlock, compile_mode, compiles, set_compile
 from ..models.registry import build_from_config
 from ..optim import build_optimizer
+from ..program import same_function
 from ..report import format_table, plot_certified_accuracy, results_dict, write_json
 from .batches import BatchPlan, step_generator
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
@@ -75,14 +77,27 @@ def radius_label(r: float, unit: float) -> str:
 
 
 def _enable_activation_checkpointing(model: torch.nn.Module) -> None:
-    """Recompute each block's activations in the backward pass instead of storing them."""
+    """Recompute each block's activations in the backward pass instead of storing them
+    (``same_function``: the wrapper computes what the block computes, so certification
+    still runs the block's own float64 program)."""
     blocks = getattr(model, "blocks", None)
     if blocks is None:
         raise ValueError(f"train.activation_checkpointing needs a model with .blocks; "
                          f"{type(model).__name__} has none")
     from torch.utils.checkpoint import checkpoint
     for block in blocks:
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+        block.forward = same_function(functools.partial(checkpoint, block.forward, use_reentrant=False))
+
+
+def compile_forward(model: torch.nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
+                    mode: str, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``train.compile``: auto (on CUDA) | true | false. A model with LipNeXt blocks compiles
+    each block (``set_compile``: the same path on every device); another model compiles
+    ``forward`` as a whole."""
+    if any(isinstance(m, LipNeXtBlock) for m in model.modules()):
+        set_compile(model, mode)
+        return forward
+    return torch.compile(forward) if compiles(compile_mode(mode), device) else forward
 
 
 class Trainer:
@@ -130,8 +145,7 @@ class Trainer:
             _enable_activation_checkpointing(self.model)
         self.forward = wrap_model(self.model, self.info, self.device, self.bf16)  # FSDP shards in place
         self.sharded = is_sharded(self.model)
-        if t.compile:
-            self.forward = torch.compile(self.forward)
+        self.forward = compile_forward(self.model, self.forward, t.compile, self.device)
 
     def _build_step(self, loss_hook: LossHook | None) -> None:
         """The optimizer and the training step that uses it."""
@@ -143,7 +157,7 @@ class Trainer:
             chunk_size=o.chunk_size)
         self.train_step = TrainStep(self.forward, self.model, self.optimizer, LOSSES[loss.name], self.info,
                                     self.device, self.bf16, o.grad_clip if o.grad_clip > 0 else math.inf,
-                                    loss.temperature, loss_hook)
+                                    loss.temperature, loss_hook, o.lie_gradients)
 
     def _build_plan(self) -> None:
         """The (seed, step) batch plan, the schedules' lengths, augmentation, and the state a

@@ -10,7 +10,8 @@ An architecture is a ``CertifiableConfig`` dataclass (its constructor options) a
 ``build(config)``. The base resolves the shared options once (the geometry, the mean),
 builds inside the seed scope (``seeded()``) and saves the config (``config()``, JSON).
 The trunk's bound is the product over its layers of their ``lipschitz_bound()``
-(``lipschitz_factors()``).
+(``lipschitz_factors()``); its float64 programs, ``rounding_program()`` and
+``head_program()``, are assembled from the layers' own (``lipnext.program``).
 """
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+from ..program import NotCertifiable, affine_of, lipschitz_of
+from ..rounding import Step
 
 # float pixels outside this range draw a warning: [0, 1], with room for attacks in R^n
 PIXEL_RANGE = (-1.0, 2.0)
@@ -91,7 +95,7 @@ def check_images(x: torch.Tensor, in_chans: int, image_size: tuple[int, int]) ->
         raise ValueError(f"the model was built for {image_size[0]}x{image_size[1]} images, got "
                          f"{x.shape[-2]}x{x.shape[-1]}; resize the inputs or create the model with "
                          f"image_size={x.shape[-2]}")
-    if not torch.compiler.is_compiling() and x.numel():
+    if x.numel() and not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()):
         lo, hi = (float(v) for v in torch.stack(torch.aminmax(x.detach())).tolist())
         if not (math.isfinite(lo) and math.isfinite(hi)):
             raise ValueError("the input contains NaN or Inf values")
@@ -194,25 +198,36 @@ class CertifiableModel(nn.Module):
 
     @torch.no_grad()
     def lipschitz_factors(self) -> dict[str, float]:
-        """Sound upper bounds of the trunk's parts, measured from the weights: for each child
-        module but the head, in order, its ``lipschitz_bound()``, and for a list of layers the
-        product of theirs (1 for an empty list). A module without ``lipschitz_bound()`` is
-        1-Lipschitz by construction (an isometry, a translation, MinMax, L2 pooling)."""
+        """Upper bounds of the trunk's parts, measured from the weights: for each child module
+        but the head, in order, its ``lipschitz_bound()``, and for a list of layers the product
+        of theirs (1 for an empty list). A module without a certificate (``lipschitz_bound()``
+        and ``rounding_steps()``) is refused (``lipnext.program.NotCertifiable``), never taken
+        as 1-Lipschitz. A model whose forward uses a child several times overrides this."""
         factors = {}
         for name, child in self.named_children():
             if name == "head":
                 continue
-            if isinstance(child, (nn.ModuleList, nn.Sequential)):
-                factors[name] = math.prod(float(layer.lipschitz_bound()) for layer in child
-                                          if hasattr(layer, "lipschitz_bound"))
-            elif hasattr(child, "lipschitz_bound"):
-                factors[name] = float(child.lipschitz_bound())
+            if isinstance(child, nn.ModuleList):
+                factors[name] = math.prod(lipschitz_of(layer, f"{name}.{i}") for i, layer in enumerate(child))
+            else:
+                factors[name] = lipschitz_of(child, name)
         return factors
 
     def lipschitz_bound(self) -> float:
-        """Sound upper bound on the L2 Lipschitz constant of forward_features: the product
-        of ``lipschitz_factors()``."""
+        """Upper bound on the L2 Lipschitz constant of forward_features: the product of
+        ``lipschitz_factors()``. A claim: ``certify`` checks it against the bound of the
+        layers' programs and refuses it when it is below."""
         return math.prod(self.lipschitz_factors().values())
+
+    def rounding_program(self) -> list[Step]:
+        """forward_features as float64 steps (``lipnext.rounding``), assembled from the layers
+        with ``lipnext.program.steps_of``; a certifiable model defines it."""
+        raise NotCertifiable(f"{type(self).__name__} has no rounding_program(): give it one, assembled "
+                             "from its layers' rounding_steps (docs/EXTENDING.md, Adding a model)")
+
+    def head_program(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W, b) in float64 of forward_head, z = W f + b: the head layer's ``affine_map()``."""
+        return affine_of(self.head, "head")
 
     def head_weight(self) -> torch.Tensor:
         """The effective (K, C) weight W of the linear head z = W f + b (normalised rows)."""

@@ -23,6 +23,8 @@ import torch
 from torch import nn
 
 from ..nn import BROConv2d, BROLinear, MinMax
+from ..program import lipschitz_of, steps_of
+from ..rounding import Step, translate
 from .conv_trunk import ConvTrunkConfig, ConvTrunkModel
 from .registry import register_arch, register_sizes
 
@@ -43,8 +45,13 @@ class BROBlock(nn.Module):
         return self.act(self.conv(x) + self.bias.to(x.dtype))
 
     def lipschitz_bound(self) -> float:
-        """bound(BROConv): MinMax and the bias are 1-Lipschitz."""
-        return self.conv.lipschitz_bound()
+        """bound(BROConv) times MinMax's (the bias is a translation)."""
+        return lipschitz_of(self.conv, "conv") * lipschitz_of(self.act, "act")
+
+    def rounding_steps(self, name: str) -> list[Step]:
+        """The BRO convolution's steps, + b, MinMax."""
+        return [*steps_of(self.conv, f"{name}.conv"), translate(self.bias, f"{name}.bias"),
+                *steps_of(self.act, f"{name}.act")]
 
 
 @dataclass(kw_only=True)

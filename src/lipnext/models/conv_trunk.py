@@ -19,6 +19,8 @@ from torch import nn
 
 from ..nn import L2Pool, MinMax, NormalizedLinear
 from ..ops import patchify
+from ..program import steps_of
+from ..rounding import Step, exact, translate
 from .base import CertifiableConfig, CertifiableModel, check_images
 
 __all__ = ["ConvTrunkConfig", "ConvTrunkModel"]
@@ -78,3 +80,17 @@ class ConvTrunkModel(CertifiableModel):
         for layer in self.dense:
             f = self.act(layer(f))
         return f
+
+    @torch.no_grad()
+    def rounding_program(self) -> list[Step]:
+        """forward_features as float64 steps: mean, patchify, the stem's, each block's (channels
+        first), the pool's, then each dense layer's and the activation's."""
+        p = self.patch_size
+        steps = [translate(-self.mean, "mean"), exact(lambda h: patchify(h, p), "patchify"),
+                 *steps_of(self.stem, "stem"), exact(lambda h: h.permute(0, 3, 1, 2), "channels_first")]
+        for i, block in enumerate(self.blocks):
+            steps += steps_of(block, f"blocks.{i}")
+        steps += [exact(lambda h: h.permute(0, 2, 3, 1), "channels_last"), *steps_of(self.pool, "pool")]
+        for i, layer in enumerate(self.dense):
+            steps += [*steps_of(layer, f"dense.{i}"), *steps_of(self.act, "act")]
+        return steps

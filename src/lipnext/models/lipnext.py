@@ -9,19 +9,20 @@ form (tokens are rows) this is ((X + p) R^T) -> S -> (. R M^T) + b: two GEMMs ov
 N = B*h*w token rows plus one C x C product R M^T when N > C, else three token GEMMs
 ((. R) then (. M^T)), whichever costs less (``channel_mix``).
 Trunk: stem -> blocks -> L2 pooling, with Lipschitz bound
-L = s_in * ||W_stem|| * prod_blocks ||R||^2 ||M|| (measured, docs/CORE.md, Certificates).
+L = s_in * ||W_stem|| * prod_blocks ||R||^2 ||M|| (measured, docs/CORE.md, Certificates);
+each layer writes its own float64 steps next to its forward (``rounding_steps``), and
+``rounding_program`` assembles them (``lipnext.program``).
 
 Ablation switches (constructor options, saved in the config): ``pos_encoding`` ``block``
 (one p per block), ``shared`` (one p for all blocks) or ``none``; ``padding`` of S
 ``circular`` or ``zero`` (||S|| <= 1); ``activation`` ``beta_abs``, ``minmax`` or
-``identity``. Each is a translation or has Lipschitz constant <= 1, so the bound above
-holds for every choice.
+``identity`` (or one added by ``register_activation``). Each declares its own bound,
+which the block's bound multiplies in (1 for the built-in ones).
 """
 from __future__ import annotations
 
 import functools
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -35,10 +36,13 @@ from ..nn import (L2Pool, NormalizedLinear, OrthogonalParameter, OrthogonalPatch
 from ..nn.activation import BetaAbs, make_activation
 from ..nn.lie import lie_slice
 from ..nn.stem import SharedPositionalEncoding
+from ..program import lipschitz_of, steps_of
+from ..rounding import Step, linear, translate
 from .base import CertifiableConfig, CertifiableModel, check_images
 from .registry import register_arch, register_sizes
 
-__all__ = ["LipNeXt", "LipNeXtBlock", "LipNeXtConfig", "POS_ENCODINGS"]
+__all__ = ["COMPILE_MODES", "LipNeXt", "LipNeXtBlock", "LipNeXtConfig", "POS_ENCODINGS", "compile_mode",
+           "compiles", "set_compile"]
 
 POS_ENCODINGS = ("block", "shared", "none")
 
@@ -68,36 +72,47 @@ class LipNeXtBlock(nn.Module):
 
     @torch.no_grad()
     def lipschitz_bound(self) -> float:
-        """bound(R)^2 bound(M): S, beta-Abs, p and b are 1-Lipschitz or translations."""
-        r, m = spectral_norm_bound(self.R), spectral_norm_bound(self.M)
-        return float(r * r * m)
+        """bound(R)^2 bound(M) times the bounds of p, S and the activation (1 for the built-in ones)."""
+        r, m = float(spectral_norm_bound(self.R)), float(spectral_norm_bound(self.M))
+        return (r * r * m * lipschitz_of(self.pos, "pos") * lipschitz_of(self.shift, "shift")
+                * lipschitz_of(self.act, "act"))
+
+    @torch.no_grad()
+    def rounding_steps(self, name: str) -> list[Step]:
+        """+ p, GEMM by R^T, S, GEMM by R, GEMM by M^T, + b, the activation: R M^T as the exact
+        product, one float64 copy of R for R and R^T."""
+        r = self.R.detach().to(torch.float64)
+        r_lip = float(spectral_norm_bound(r))
+        return [*steps_of(self.pos, f"{name}.pos"), linear(r, f"{name}.R", lip=r_lip),
+                *steps_of(self.shift, f"{name}.shift"), linear(r.mT, f"{name}.R^T", lip=r_lip),
+                linear(self.M, f"{name}.M", lip=float(spectral_norm_bound(self.M))),
+                translate(self.bias, f"{name}.bias"), *steps_of(self.act, f"{name}.act")]
 
     #: deliver R^T dR and M^T dM as the gradients of R and M (``lipnext.nn.lie``; switched on
     #: by ``build_optimizer`` through ``use_lie_gradients``): the optimizer then skips X^T G.
     lie_gradients: bool = False
 
-    #: torch.compile the block (fusing shift, beta-Abs, bias and positional add around
-    #: the GEMMs): None = on CUDA only, True = everywhere, False = never. A block that
-    #: fails to compile warns once and stays eager.
-    compiled: bool | None = None
+    #: torch.compile the block (fusing shift, beta-Abs, bias and positional add around the
+    #: GEMMs): "auto" (on CUDA), True or False; ``set_compile`` sets it on a whole model.
+    compile_mode: bool | str = "auto"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        wanted = x.is_cuda if self.compiled is None else self.compiled
         if torch.compiler.is_compiling():
-            return block_forward(self, x)      # inside a compiled model: traced as is
-        if _COMPILE["broken"] or not wanted:
-            return self._eager(x)
-        try:
-            return _compiled_block_forward()(self, x)
-        except Exception as err:  # noqa: BLE001 - any compiler failure means: run eager
-            _COMPILE["broken"] = True
-            warnings.warn(f"torch.compile of LipNeXtBlock failed ({type(err).__name__}: {err}); "
-                          "running eager", RuntimeWarning, stacklevel=2)
-            return self._eager(x)
+            return block_forward(self, x)      # inside a compiled caller: traced as is
+        if torch._C._are_functorch_transforms_active():
+            return block_forward(self, x, lie=False)   # torch.func: autograd's composition only
+        if compiles(self.compile_mode, x.device):
+            try:
+                return _compiled_block_forward()(self, x)
+            except torch._dynamo.exc.TorchDynamoException as err:   # the compiler itself, nothing else
+                raise RuntimeError(f"torch.compile of the LipNeXt block failed ({type(err).__name__}: "
+                                   f"{err}); run it eagerly with train.compile=false (in Python: "
+                                   "lipnext.models.set_compile(model, False))") from err
+        return self._eager(x)
 
-    def _mixing(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _mixing(self, lie: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """R and M for autograd's paths: through ``lie_slice`` when gradients go in Lie form."""
-        if self.lie_gradients:
+        if lie:
             return lie_slice(self.R), lie_slice(self.M)
         return self.R, self.M
 
@@ -119,21 +134,46 @@ def channel_mix(y: torch.Tensor, r: torch.Tensor, m: torch.Tensor,
     return y @ (r @ m.mT) if fuse else (y @ r) @ m.mT
 
 
-def block_forward(block: LipNeXtBlock, x: torch.Tensor) -> torch.Tensor:
+def block_forward(block: LipNeXtBlock, x: torch.Tensor, lie: bool | None = None) -> torch.Tensor:
     """The block through autograd: act(S((X + p) R^T) R M^T + b) in rows (``channel_mix`` picks
-    the order); R and M as ``LipNeXtBlock._mixing`` gives them."""
-    r, m = block._mixing()
+    the order); R and M as ``LipNeXtBlock._mixing`` gives them (``lie``: the block's switch
+    unless given)."""
+    r, m = block._mixing(block.lie_gradients if lie is None else lie)
     r = r.to(x.dtype)
     y = block.shift(block.pos(x) @ r.mT)
     return block.act(channel_mix(y, r, m.to(x.dtype)) + block.bias.to(x.dtype))
 
 
+COMPILE_MODES = ("auto", True, False)
+
+
+def compiles(mode: bool | str, device: torch.device) -> bool:
+    """Whether a block with ``compile_mode`` ``mode`` runs compiled on ``device``: auto = on CUDA."""
+    return device.type == "cuda" if mode == "auto" else bool(mode)
+
+
+def compile_mode(mode: bool | str) -> bool | str:
+    """``"auto"``, True or False, from those or the strings of ``train.compile``."""
+    if isinstance(mode, str) and mode.lower() in ("true", "false", "auto"):
+        mode = {"true": True, "false": False, "auto": "auto"}[mode.lower()]
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile must be auto, true or false, got {mode!r}")
+    return mode
+
+
+def set_compile(model: nn.Module, mode: bool | str) -> nn.Module:
+    """Set ``compile_mode`` (``"auto"``, True or False, or the strings of ``train.compile``) on
+    every LipNeXt block of ``model``; returns the model."""
+    mode = compile_mode(mode)
+    for module in model.modules():
+        if isinstance(module, LipNeXtBlock):
+            module.compile_mode = mode
+    return model
+
+
 @functools.cache
 def _compiled_block_forward() -> Callable[[LipNeXtBlock, torch.Tensor], torch.Tensor]:
     return torch.compile(block_forward)
-
-
-_COMPILE = {"broken": False}
 
 
 @dataclass(kw_only=True)
@@ -190,10 +230,18 @@ class LipNeXt(CertifiableModel):
 
     @torch.no_grad()
     def lipschitz_factors(self) -> dict[str, float]:
-        """Measured bounds: the input scale 1/min(std), ||W_stem|| and prod_blocks ||R||^2 ||M||."""
-        return {"input": self.stem.input_scale(),
-                "stem": float(spectral_norm_bound(self.stem.matrix())),
-                "blocks": math.prod(b.lipschitz_bound() for b in self.blocks)}
+        """Measured bounds: the input scale max |1/std|, ||W_stem||, prod_blocks ||R||^2 ||M|| and the pool's 1."""
+        w = self.stem.weight[: self.stem.width, : self.stem.patch_dim]
+        return {"input": self.stem.input_scale(), "stem": float(spectral_norm_bound(w)),
+                "blocks": math.prod(lipschitz_of(b, f"blocks.{i}") for i, b in enumerate(self.blocks)),
+                "pool": lipschitz_of(self.pool, "pool")}
+
+    @torch.no_grad()
+    def rounding_program(self) -> list[Step]:
+        """forward_features as float64 steps: the stem's, each block's, the pool's."""
+        return [*steps_of(self.stem, "stem"),
+                *(s for i, b in enumerate(self.blocks) for s in steps_of(b, f"blocks.{i}")),
+                *steps_of(self.pool, "pool")]
 
 
 def _trunk_params(depth: int, width: int) -> str:

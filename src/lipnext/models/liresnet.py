@@ -31,6 +31,8 @@ from torch import nn
 
 from ..bounds import residual_conv_norm_bound
 from ..nn import CholeskyLinear, MinMax, circular_conv2d, power_iteration_residual_conv
+from ..program import lipschitz_of, steps_of
+from ..rounding import Step, residual_conv, scale, translate
 from .conv_trunk import ConvTrunkConfig, ConvTrunkModel
 from .registry import register_arch, register_sizes
 
@@ -74,8 +76,16 @@ class LiResBlock(nn.Module):
 
     @torch.no_grad()
     def lipschitz_bound(self) -> float:
-        """||I + conv_W||_2 (exact per-frequency SVD, float64, with slack) / s."""
-        return residual_conv_norm_bound(self.weight, self.grid) / float(self.sigma)
+        """||I + conv_W||_2 (exact per-frequency SVD, float64, with slack) / s, times MinMax's 1."""
+        return residual_conv_norm_bound(self.weight, self.grid) / float(self.sigma) * lipschitz_of(self.act, "act")
+
+    @torch.no_grad()
+    def rounding_steps(self, name: str) -> list[Step]:
+        """x + conv_W(x) (k^2 GEMMs over shifted inputs), / s, + b, MinMax."""
+        conv_lip = residual_conv_norm_bound(self.weight, self.grid)
+        return [residual_conv(self.weight, conv_lip, f"{name}.conv"),
+                scale(self.sigma, divide=True, name=f"{name}.1/s"), translate(self.bias, f"{name}.bias"),
+                *steps_of(self.act, f"{name}.act")]
 
     def extra_repr(self) -> str:
         return f"width={self.width}, grid={self.grid}, kernel_size={self.kernel_size}"

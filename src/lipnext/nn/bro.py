@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..bounds import operator_norm_bound
+from ..rounding import Step, bro_conv, linear, translate
 from .orthogonal import random_orthogonal
 
 __all__ = ["block_reflector", "BROLinear", "BROConv2d"]
@@ -65,6 +66,13 @@ class BROLinear(nn.Module):
         """Sound bound on ||W||_2 for W as computed (float64 SVD + slack)."""
         return operator_norm_bound(self.matrix())
 
+    @torch.no_grad()
+    def rounding_steps(self, name: str) -> list[Step]:
+        """The GEMM by W (as computed), + b."""
+        w = self.matrix()
+        steps = [linear(w, name, lip=operator_norm_bound(w))]
+        return steps + ([translate(self.bias, f"{name}.bias")] if self.bias is not None else [])
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
@@ -102,6 +110,12 @@ class BROConv2d(nn.Module):
     def lipschitz_bound(self) -> float:
         """Sound bound on the operator norm: max over frequencies of ||W(f)||_2."""
         return operator_norm_bound(self.spectrum())
+
+    @torch.no_grad()
+    def rounding_steps(self, name: str) -> list[Step]:
+        """rfft2, W(f) per frequency, irfft2 (``lipnext.rounding.bro_conv``)."""
+        spec = self.spectrum()
+        return [bro_conv(spec, self.grid, operator_norm_bound(spec), name)]
 
     def extra_repr(self) -> str:
         return (f"channels={self.channels}, grid={self.grid}, kernel_size={self.kernel_size}, "

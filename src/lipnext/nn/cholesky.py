@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..bounds import spectral_norm_bound
+from ..rounding import Step, linear, translate
 from .orthogonal import random_orthogonal
 
 __all__ = ["cholesky_orthogonal", "CholeskyLinear"]
@@ -50,6 +51,13 @@ class CholeskyLinear(nn.Module):
     def lipschitz_bound(self) -> float:
         """Sound bound on ||W||_2 for W as computed."""
         return float(spectral_norm_bound(self.matrix()))
+
+    @torch.no_grad()
+    def rounding_steps(self, name: str) -> list[Step]:
+        """The GEMM by W (as computed), + b."""
+        w = self.matrix()
+        steps = [linear(w, name, lip=float(spectral_norm_bound(w)))]
+        return steps + ([translate(self.bias, f"{name}.bias")] if self.bias is not None else [])
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"

@@ -29,5 +29,9 @@ class NormalizedLinear(nn.Module):
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         return f @ self.normalized_weight().to(f.dtype).mT + self.bias.to(f.dtype)
 
+    def affine_map(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W, b) of z = W f + b as the forward pass uses them (W normalised in float32)."""
+        return self.normalized_weight().detach(), self.bias.detach()
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, num_classes={self.num_classes}"

@@ -8,8 +8,14 @@ autograd's G into X^T G (the product moves from the optimizer to the backward).
 
     use_lie_gradients(model)      every module with a ``lie_gradients`` switch delivers X^T G
                                   and marks its orthogonal weights (``has_lie_gradient``)
+    lie_form_gradients(model)     the same for the length of a ``with`` block, then back: how the
+                                  training engine opts in (``TrainStep``), so that ``.grad`` holds
+                                  G everywhere else
     lie_slice(X, rows, cols)      X[:rows, :cols] whose backward gives X^T G_full, G_full the
                                   slice's gradient zero-padded to X's shape (cost n rows cols)
+
+Under torch.func transforms ``lie_slice`` is plain slicing (autograd's G), and its backward is
+differentiable (double backward).
 
 X^T G is linear in G, so summing it over micro-batches, ranks (DDP's reduce, FSDP's
 reduce-scatter) or accumulation steps gives X^T of the sum; ||X^T G||_F = ||G||_F for
@@ -18,12 +24,16 @@ every use of the weight must go through its module's forward.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor, nn
 
+from ..ops.lie_slice import lie_slice
 from .orthogonal import is_orthogonal
 
-__all__ = ["has_lie_gradient", "lie_slice", "mark_lie_gradient", "use_lie_gradients"]
+__all__ = ["has_lie_gradient", "lie_form_gradients", "lie_slice", "mark_lie_gradient", "use_lie_gradients"]
 
 
 def mark_lie_gradient(p: Tensor, enabled: bool = True) -> Tensor:
@@ -52,27 +62,18 @@ def use_lie_gradients(model: nn.Module, enabled: bool = True) -> int:
     return count
 
 
-class _LieSlice(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, rows: int, cols: int) -> Tensor:
-        ctx.save_for_backward(x)
-        ctx.cut = rows, cols
-        return x[:rows, :cols]
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g: Tensor):
-        x, = ctx.saved_tensors
-        rows, cols = ctx.cut
-        pulled = x[:rows].mT @ g                  # X^T G_full: only its first cols columns are nonzero
-        if cols == x.shape[1]:
-            return pulled, None, None
-        out = x.new_zeros(x.shape)
-        out[:, :cols] = pulled
-        return out, None, None
-
-
-def lie_slice(x: Tensor, rows: int | None = None, cols: int | None = None) -> Tensor:
-    """X[:rows, :cols] (all of X by default) whose gradient into X is X^T G_full."""
-    n, m = x.shape
-    return _LieSlice.apply(x, n if rows is None else rows, m if cols is None else cols)
+@contextmanager
+def lie_form_gradients(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
+    """``use_lie_gradients(model, enabled)`` inside the block; each module's switch and each
+    weight's mark come back on exit (also on an exception)."""
+    modules = [m for m in model.modules() if hasattr(m, "lie_gradients")]
+    before = [(m, m.lie_gradients, [(p, has_lie_gradient(p)) for p in m.parameters(recurse=False)])
+              for m in modules]
+    use_lie_gradients(model, enabled)
+    try:
+        yield model
+    finally:
+        for m, switch, marks in before:
+            m.lie_gradients = switch
+            for p, mark in marks:
+                mark_lie_gradient(p, mark)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..rounding import Step, exact
+
 __all__ = ["MinMax"]
 
 
@@ -22,3 +24,11 @@ class MinMax(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = x.chunk(2, dim=self.dim)
         return torch.cat([torch.maximum(a, b), torch.minimum(a, b)], dim=self.dim)
+
+    def lipschitz_bound(self) -> float:
+        """1: sorting each pair of coordinates is 1-Lipschitz."""
+        return 1.0
+
+    def rounding_steps(self, name: str) -> list[Step]:
+        """max and min: exact in floating point."""
+        return [exact(self.forward, name)]

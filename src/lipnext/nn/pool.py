@@ -8,7 +8,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops.l2_pool import l2_pool
+from ..ops.l2_pool import EPS, l2_pool
+from ..rounding import Step
+from ..rounding import l2_pool as l2_pool_step
 
 __all__ = ["L2Pool"]
 
@@ -18,3 +20,11 @@ class L2Pool(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return l2_pool(x)
+
+    def lipschitz_bound(self) -> float:
+        """1 (module doc)."""
+        return 1.0
+
+    def rounding_steps(self, name: str) -> list[Step]:
+        """Squares, a sum over positions, + eps, sqrt (``lipnext.rounding.l2_pool``)."""
+        return [l2_pool_step(EPS, name)]

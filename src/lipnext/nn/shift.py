@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..ops.shift import PADDINGS, spatial_shift
+from ..rounding import Step, exact
 
 __all__ = ["PADDINGS", "SpatialShift", "spatial_shift"]
 
@@ -35,6 +36,14 @@ class SpatialShift(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return spatial_shift(x, self.group, self.padding)
+
+    def lipschitz_bound(self) -> float:
+        """1: a permutation (circular) or a partial isometry (zero padding)."""
+        return 1.0
+
+    def rounding_steps(self, name: str) -> list[Step]:
+        """Copies (and zeros): exact."""
+        return [exact(self.forward, name)]
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, alpha={self.alpha}, group={self.group}, padding={self.padding}"

@@ -5,7 +5,9 @@ import torch
 
 from .registry import kernel_op
 
-__all__ = ["l2_pool", "reference"]
+__all__ = ["EPS", "l2_pool", "reference"]
+
+EPS = 1e-12
 
 
 def reference(x: torch.Tensor) -> torch.Tensor:
@@ -13,7 +15,7 @@ def reference(x: torch.Tensor) -> torch.Tensor:
     # sqrt(||x||^2 + d) keeps a finite gradient at 0 and stays 1-Lipschitz:
     # its gradient x / sqrt(||x||^2 + d) has norm < 1.
     x2 = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16 pools in fp32, fp64 stays fp64
-    return torch.sqrt(x2.square().sum(dim=(-3, -2)) + 1e-12).to(x.dtype)
+    return torch.sqrt(x2.square().sum(dim=(-3, -2)) + EPS).to(x.dtype)
 
 
 l2_pool = kernel_op("l2_pool", reference)

@@ -12,7 +12,12 @@ signs kept). Backward by hand, the same GEMMs as autograd's:
 
 With ``fuse=False`` (N <= C token rows) W is never formed: T = S(Y1) R, Z = beta_abs(T M^T + b),
 dM = G^T T, dT = G M, dR = S(Y1)^T dT + dY1^T U, dY2 = dT R^T. S^T is S with every move
-reversed (circular: S^-1). Double backward is not supported (the loss needs none).
+reversed (circular: S^-1).
+
+Higher-order autograd and torch.func: under a torch.func transform (jvp, vjp, jacrev, vmap,
+grad) ``lipnext_block`` is ``reference``, autograd's composition of plain ops; a backward
+with ``create_graph=True`` (grad mode on inside it) differentiates ``reference`` again from
+the saved inputs, so double backward gives autograd's values.
 
 ``lie=True`` returns the gradients in Lie form (``lipnext.nn.lie``), R^T dR and M^T dM, for
 the products that G alone would cost: with P = R^T dW M (two C^3 products, as dW M and
@@ -23,9 +28,11 @@ from __future__ import annotations
 
 import torch
 
-from .shift import shift_
+from .beta_abs import beta_abs
+from .lie_slice import lie_slice
+from .shift import shift_, spatial_shift
 
-__all__ = ["lipnext_block", "fuses"]
+__all__ = ["lipnext_block", "fuses", "reference"]
 
 
 def fuses(x: torch.Tensor) -> bool:
@@ -33,6 +40,12 @@ def fuses(x: torch.Tensor) -> bool:
     multiply-adds fused and 6 N C^2 not (a forward alone C^3 + N C^2 against 2 N C^2): iff N > C."""
     c = x.shape[-1]
     return x.numel() // c > c
+
+
+def reference(u: torch.Tensor, r: torch.Tensor, m: torch.Tensor, bias: torch.Tensor, group: int,
+              padding: str, k: int) -> torch.Tensor:
+    """beta_abs(S(U R^T) R M^T + b) through autograd (plain ops, torch.func-compatible)."""
+    return beta_abs(spatial_shift(u @ r.mT, group, padding) @ r @ m.mT + bias, k)
 
 
 class _Block(torch.autograd.Function):
@@ -50,15 +63,16 @@ class _Block(torch.autograd.Function):
             z = torch.addmm(bias, mix, m.mT)
         sign = z[:, :k].sign()
         z[:, :k].abs_()
-        ctx.save_for_backward(u, r, m, y2, mix, sign)
+        ctx.save_for_backward(u, r, m, bias, y2, mix, sign)
         ctx.shift = (group, padding)
-        ctx.fuse, ctx.lie = fuse, lie
+        ctx.fuse, ctx.lie, ctx.k = fuse, lie, k
         return z.view(u.shape)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dz: torch.Tensor):
-        u, r, m, y2, mix, sign = ctx.saved_tensors
+        if torch.is_grad_enabled():                    # create_graph: autograd's composition, again
+            return _Block._differentiable_backward(ctx, dz)
+        u, r, m, _, y2, mix, sign = ctx.saved_tensors
         need_u, need_r, need_m, need_b = ctx.needs_input_grad[:4]
         c = u.shape[-1]
         g = dz.reshape(-1, c)
@@ -93,12 +107,26 @@ class _Block(torch.autograd.Function):
         return (du.view(u.shape) if need_u else None), (dr if need_r else None), dm, db, \
             None, None, None, None, None
 
+    @staticmethod
+    def _differentiable_backward(ctx, dz: torch.Tensor):
+        """The gradients of ``reference`` at the saved inputs, with their own graph (in Lie form
+        R and M enter through ``lie_slice``, so every order of gradient into them is X^T G)."""
+        u, r, m, bias = ctx.saved_tensors[:4]
+        needs = ctx.needs_input_grad[:4]
+        inputs = [t for t, need in zip((u, r, m, bias), needs) if need]
+        mix = (lie_slice(r), lie_slice(m)) if ctx.lie else (r, m)
+        z = reference(u, *mix, bias, *ctx.shift, ctx.k)
+        got = iter(torch.autograd.grad(z, inputs, dz, create_graph=True))
+        return (*(next(got) if need else None for need in needs), None, None, None, None, None)
+
 
 def lipnext_block(u: torch.Tensor, r: torch.Tensor, m: torch.Tensor, bias: torch.Tensor, group: int,
                   padding: str, k: int, fuse: bool | None = None, lie: bool = False) -> torch.Tensor:
     """beta_abs(S(U R^T) R M^T + b) on channels-last U (..., h, w, C), beta-Abs on the first k
     channels; ``fuse`` forms R M^T (default: iff the N token rows exceed C); ``lie``: the
     gradients of R and M come as R^T dR and M^T dM."""
+    if torch._C._are_functorch_transforms_active():
+        return reference(u, r, m, bias, group, padding, k)
     if fuse is None:
         fuse = fuses(u)
     u4 = u.contiguous().view(-1, *u.shape[-3:])        # any leading dims as one batch dim

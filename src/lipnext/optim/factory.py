@@ -5,8 +5,10 @@ Parameter groups:
 - decay: the other parameters with >= 2 dims (e.g. the head weight), ``weight_decay``;
 - no_decay: 1-D parameters (biases, ...) and the parameters of ``PositionalEncoding``
   modules, weight decay 0.
-Frozen parameters (requires_grad=False) and empty groups are left out. The layers that can
-deliver their orthogonal gradients in Lie form (X^T G, ``lipnext.nn.lie``) are switched to it.
+Frozen parameters (requires_grad=False) and empty groups are left out. The model is not
+changed: ``.grad`` holds what autograd computes. The optimizer also takes gradients in Lie form
+(X^T G, marked by ``lipnext.nn.lie``), which the training engine opts into for its own steps
+(``TrainStep``, ``optim.lie_gradients``).
 A model sharded by FSDP (``fully_shard``: DTensor parameters) gets the same groups in a
 ``ShardedManifoldAdam``;
 a model whose orthogonal weights DDP was told to leave out of its buckets
@@ -18,7 +20,6 @@ from __future__ import annotations
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from ..nn.lie import use_lie_gradients
 from ..nn.orthogonal import is_orthogonal
 from ..nn.stem import PositionalEncoding
 from .ddp import DDPManifoldAdam
@@ -35,13 +36,9 @@ def build_optimizer(model: nn.Module, lr: float = 1e-3, betas: tuple[float, floa
                     weight_decay: float = 0.0, nesterov: bool = True,
                     orthogonal_lr_scale: float = 0.5, lookahead_k: int = 5,
                     lookahead_alpha: float = 0.5, update: str = "fast_exp", precision: str = "auto",
-                    chunk_size: int | None = None, lie_gradients: bool = True
+                    chunk_size: int | None = None
                     ) -> ManifoldAdam | DDPManifoldAdam | ShardedManifoldAdam:
-    """ManifoldAdam over ``model.parameters()`` split into orthogonal / decay / no_decay groups.
-
-    ``lie_gradients``: the layers that can (LipNeXt blocks, the orthogonal stem) deliver X^T G
-    instead of G (``lipnext.nn.use_lie_gradients``), one product per matrix and step less."""
-    use_lie_gradients(model, lie_gradients)
+    """ManifoldAdam over ``model.parameters()`` split into orthogonal / decay / no_decay groups."""
     positional = {id(p) for m in model.modules() if isinstance(m, PositionalEncoding)
                   for p in m.parameters()}
     orthogonal, decay, no_decay = [], [], []

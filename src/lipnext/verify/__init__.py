@@ -15,8 +15,11 @@
 Runs outside any autocast and with float32 as the default dtype (``standard_numerics``).
 
 Works for any model with the lipnext interface (forward_features, forward_head,
-lipschitz_bound, head_weight, num_classes); models without orthogonal weights report
-none for (a).
+lipschitz_bound, head_weight, num_classes, and the float64 programs rounding_program and
+head_program); models without orthogonal weights report none for (a). When certification
+refuses the model (a claimed bound below the layers' bound, a layer without its certificate)
+the report has a failed ``certify`` check with the reason, and the checks that need
+certificates (c, d) do not run.
 """
 from __future__ import annotations
 
@@ -26,7 +29,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..certify import certify, standard_numerics
+from ..certify import UnsoundClaim, certify, standard_numerics
+from ..program import NotCertifiable
 from .attacks import Progress, attack_certified, ddn_attack, pgd_attack, tightness
 from .library import apgd_attack, fab_attack, library_available
 from .lipschitz import empirical_lipschitz, head_check
@@ -97,7 +101,12 @@ def verify_model(model, x: torch.Tensor, y: torch.Tensor, eps: Sequence[float] =
         return out
 
     with standard_numerics(model):
-        cert = timed("certify", certify, model, x, y, rule=rule, batch_size=batch_size)
+        try:
+            cert = timed("certify", certify, model, x, y, rule=rule, batch_size=batch_size)
+        except (UnsoundClaim, NotCertifiable) as refusal:   # reported as the failed check it is
+            cert = None
+            checks.append(CheckResult("certify", False, f"certification refused: {refusal}",
+                                      {"refused": type(refusal).__name__}))
         if progress:  # after certify, which checks the inputs: a usage error prints nothing else
             from tqdm.auto import tqdm
             bar = tqdm(total=len(names), initial=1, desc="verify", unit="check")
@@ -105,6 +114,8 @@ def verify_model(model, x: torch.Tensor, y: torch.Tensor, eps: Sequence[float] =
         checks.append(timed("empirical_lipschitz", empirical_lipschitz, model, x[:budget.lipschitz_points],
                             budget.lipschitz_steps, budget.lipschitz_restarts, rtol=lipschitz_rtol, seed=seed))
         checks.append(timed("head", head_check, model, x[:256], seed=seed))
+        if cert is None:
+            return VerifyReport(checks, _info(model, x, rule, None, eps, box, radius_scale, budget, times))
         if attacks:
             n = x.shape[0] if budget.attack_points is None else min(budget.attack_points, x.shape[0])
             sub = cert.select(slice(n))
@@ -114,8 +125,15 @@ def verify_model(model, x: torch.Tensor, y: torch.Tensor, eps: Sequence[float] =
         checks.append(timed("precision", precision_check, model, x, y, eps, rule, batch_size))
     if bar is not None:
         bar.close()
-    info = {"model": type(model).__name__, "arch": getattr(model, "arch", ""), "points": int(x.shape[0]),
-            "rule": rule, "lipschitz_bound": cert.lipschitz, "clean_accuracy": cert.accuracy,
-            "cra": {f"{e:.6g}": cert.cra(float(e)) for e in eps}, "box": "[0, 1]" if box else "none",
-            "radius_scale": radius_scale, "budget": asdict(budget), "seconds": times}
-    return VerifyReport(checks, info)
+    return VerifyReport(checks, _info(model, x, rule, cert, eps, box, radius_scale, budget, times))
+
+
+def _info(model, x: torch.Tensor, rule: str, cert, eps: Sequence[float], box: bool, radius_scale: float,
+          budget: Budget, times: dict[str, float]) -> dict:
+    """The report's header: the model, the points, and the certificates' figures (None if refused)."""
+    return {"model": type(model).__name__, "arch": getattr(model, "arch", ""), "points": int(x.shape[0]),
+            "rule": rule, "lipschitz_bound": cert.lipschitz if cert else None,
+            "clean_accuracy": cert.accuracy if cert else None,
+            "cra": {f"{e:.6g}": cert.cra(float(e)) for e in eps} if cert else None,
+            "box": "[0, 1]" if box else "none", "radius_scale": radius_scale, "budget": asdict(budget),
+            "seconds": times}

@@ -16,7 +16,7 @@ With ``box=True`` iterates are also clipped to the image box [0, 1] (this only
 shrinks the feasible set: the certificate holds in all of R^n); ``box=False``
 attacks in R^n. A *counterexample* is a point certified at radius r with a point x'
 (||x' - x|| <= radius_scale * r, re-checked) whose prediction by the float64 twin (the
-predictions the certificate covers, ``lipnext.rounding``) is not y; float32-only flips
+predictions the certificate covers, ``lipnext.program``) is not y; float32-only flips
 are counted apart. The tightness of a certified point is the distance of the closest
 adversarial example found (any attack) divided by its certified radius.
 """
@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from ..certify import Certificate
-from ..nn.modes import evaluating, frozen
-from ..rounding import float64_twin_or_none
+from ..modes import evaluating, frozen
+from ..program import float64_twin_or_none
 from .library import apgd_attack, fab_attack, library_available
 from .report import CheckResult
 

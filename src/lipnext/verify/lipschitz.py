@@ -8,7 +8,7 @@
   started at data points (and, every other restart, far out along the rays from the
   data mean) with separations from ``min_dist`` to 1 (one per restart),
   with ||a - b|| kept >= ``min_dist`` so that float32 noise cannot fake a large ratio;
-  the best pairs are re-evaluated in float64 by the model's float64 twin (``lipnext.rounding``,
+  the best pairs are re-evaluated in float64 by the model's float64 twin (``lipnext.program``,
   the trunk certification computes; float32 ratios for a model without one). Any ratio is a
   lower bound of Lip(f) (over all of R^n, no box), so it must not exceed
   ``lipschitz_bound()``.
@@ -23,8 +23,8 @@ import math
 import torch
 
 from ..bounds import pairwise_distances
-from ..nn.modes import evaluating, frozen
-from ..rounding import float64_twin_or_none
+from ..modes import evaluating, frozen
+from ..program import float64_twin_or_none
 from .report import CheckResult
 
 __all__ = ["empirical_lipschitz", "head_check"]

@@ -17,9 +17,9 @@ from collections.abc import Sequence
 
 import torch
 
-from ..certify import Certificate, certified_radius, certify, standard_numerics
-from ..nn.modes import evaluating
-from ..rounding import float64_twin
+from ..certify import Certificate, _radii, certify
+from ..modes import evaluating, standard_numerics
+from ..program import float64_twin
 from .report import CheckResult
 
 __all__ = ["precision_check", "certify_float64"]
@@ -28,7 +28,8 @@ __all__ = ["precision_check", "certify_float64"]
 @torch.no_grad()
 def certify_float64(model, x: torch.Tensor, y: torch.Tensor, rule: str = "pairwise",
                     batch_size: int = 512) -> tuple[Certificate, torch.Tensor]:
-    """(Certificate, features) from the float64 twin by the exact-arithmetic formula (no allowance)."""
+    """(Certificate, features) from the float64 twin by the exact-arithmetic formula (no allowance):
+    the reference the proven radii must never exceed (``numerics='exact-formula'``, not a certificate)."""
     twin = float64_twin(model)
     with standard_numerics(model):
         lip = float(model.lipschitz_bound())
@@ -37,8 +38,8 @@ def certify_float64(model, x: torch.Tensor, y: torch.Tensor, rule: str = "pairwi
         for i in range(0, max(x.shape[0], 1), batch_size):
             f = twin.forward_features(x[i:i + batch_size].to(device, torch.float64))
             feats.append(f)
-            certs.append(certified_radius(twin.forward_head(f), y[i:i + batch_size].to(device),
-                                          twin.weight, lip, rule))
+            certs.append(_radii(twin.forward_head(f), y[i:i + batch_size].to(device), twin.weight,
+                                lip, rule, None, "exact-formula"))
     return Certificate.cat(certs), torch.cat(feats)
 
 

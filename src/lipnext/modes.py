@@ -1,12 +1,13 @@
-"""Temporary modes of a module: evaluation mode, frozen parameters."""
+"""Temporary modes of a module: evaluation mode, frozen parameters, standard numerics."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
+import torch
 from torch import nn
 
-__all__ = ["evaluating", "frozen"]
+__all__ = ["evaluating", "frozen", "standard_numerics"]
 
 
 @contextmanager
@@ -34,3 +35,19 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for p, f in zip(params, flags):
             p.requires_grad_(f)
+
+
+@contextmanager
+def standard_numerics(model: nn.Module) -> Iterator[None]:
+    """No autocast (on the model's device and the CPU) and float32 as the default dtype."""
+    param = next(model.parameters(), None)
+    kinds = {"cpu", param.device.type if param is not None else "cpu"}
+    old = torch.get_default_dtype()
+    with ExitStack() as stack:
+        for kind in sorted(kinds):
+            stack.enter_context(torch.autocast(kind, enabled=False))
+        torch.set_default_dtype(torch.float32)
+        try:
+            yield
+        finally:
+            torch.set_default_dtype(old)
