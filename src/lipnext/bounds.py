@@ -51,7 +51,7 @@ import torch
 
 __all__ = ["spectral_norm_bound", "operator_norm_bound", "circular_conv_spectrum", "residual_kernel",
            "residual_conv_norm_bound", "pairwise_distances", "distance_upper", "gamma",
-           "abs_norm_bound", "scale_pow2", "round_up", "SLACK", "TINY", "U64"]
+           "abs_norm_bound", "abs_norms", "scale_pow2", "round_up", "SLACK", "TINY", "U64"]
 
 U64 = 2.0 ** -53
 TINY = 2.0 ** -1021   # absolute error of one float64 operation through underflow (module doc)
@@ -86,12 +86,19 @@ def scale_pow2(w: torch.Tensor, dims: tuple[int, ...] = (-2, -1)) -> tuple[torch
     amax = w.abs().amax(dim=dims, keepdim=True)
     _, e = torch.frexp(amax)                  # amax = m 2^e, m in [0.5, 1)
     s = torch.where(amax > 0, 1 - e, torch.zeros_like(e)).to(torch.float64)
-    out, left = w, s
-    for _ in range(3):                        # |s| <= 1076 + 1024 < 3000
+    return _times_pow2(w, s), s
+
+
+def _times_pow2(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """x 2^s (s integral), in factors of at most 2^1000 (|s| <= 1076 + 1024 needs at most 3)."""
+    if bool((s.abs() <= 1000).all()):         # one exact factor (the usual case)
+        return x * torch.pow(2.0, s).to(x.dtype)
+    out, left = x, s
+    for _ in range(3):
         part = left.clamp(-1000, 1000)
         out = out * torch.pow(2.0, part).to(out.dtype)
         left = left - part
-    return out, s
+    return out
 
 
 def spectral_norm_bound(w: torch.Tensor) -> torch.Tensor:
@@ -100,52 +107,73 @@ def spectral_norm_bound(w: torch.Tensor) -> torch.Tensor:
     w64 = w.detach().to(torch.float64)
     m, n = w64.shape[-2], w64.shape[-1]
     inner, k = max(m, n), min(m, n)
-    finite = torch.isfinite(w64).all(dim=-1).all(dim=-1)
-    w64 = torch.where(finite[..., None, None], w64, torch.zeros_like(w64))
-    ws, s = scale_pow2(w64)
+    ws, s = _gram_scale(w64, k)
     g = ws.mT @ ws if m >= n else ws @ ws.mT
-    eye = torch.eye(k, dtype=torch.float64, device=g.device)
-    # ||Ĝ - G||_2 <= gamma_n ||W_s||_F^2 + k n TINY
-    fro2 = round_up(ws.square().sum(dim=(-2, -1)), gamma(m * n)) + m * n * TINY
-    gram_err = round_up(gamma(inner) * fro2, 2 * U64) + k * inner * TINY
-    # 1 + ||Ĝ - I||_F: the entries of Ĝ - I carry a relative error u, their squares may underflow
-    e_fro = round_up(torch.linalg.matrix_norm(g - eye, ord="fro"), gamma(k * k + 2) + U64) + k * math.sqrt(TINY)
-    near_identity = round_up(1.0 + e_fro, U64)
-    # sqrt(||Ĝ||_1 ||Ĝ||_inf): sums of k non-negative terms, one product, one square root
+    # ||Ĝ - G||_2 <= gamma_n ||W_s||_F^2 + k n TINY (the computed sum of squares, doubled, covers
+    # its own rounding and that of this product)
+    gram_err = 2 * gamma(inner) * ws.square().sum(dim=(-2, -1)) + k * inner * TINY
+    # ||Ĝ||_2 <= 1 + ||Ĝ - I||_F (squares that underflow: k sqrt(TINY)) and <= sqrt(||Ĝ||_1 ||Ĝ||_inf)
+    near_identity = 1.0 + torch.linalg.matrix_norm(g - torch.eye(k, dtype=torch.float64, device=g.device),
+                                                   ord="fro") + k * math.sqrt(TINY)
     a = g.abs()
-    rows = round_up(a.sum(-1).amax(-1), gamma(k))
-    cols = round_up(a.sum(-2).amax(-1), gamma(k))
-    gershgorin = round_up(torch.sqrt(round_up(rows * cols, U64)), U64)
-    lam = round_up(torch.minimum(near_identity, gershgorin) + gram_err, U64)
-    sigma_s = round_up(torch.sqrt(lam), U64)
-    # back to W's scale; when s < 0 the scaling moved entries by <= 2^-1074 (Frobenius sqrt(mn) 2^-1074)
-    lost = (s[..., 0, 0] < 0).to(torch.float64) * (math.sqrt(m * n) * 2.0 ** -1074)
-    sigma = round_up(scale_pow2_back(sigma_s + lost, s[..., 0, 0]), U64)
-    return torch.where(finite, sigma, torch.full_like(sigma, math.inf))
+    gershgorin = torch.sqrt(a.sum(-1).amax(-1)) * torch.sqrt(a.sum(-2).amax(-1))
+    # relative errors of the computed terms: Frobenius gamma_{k^2+2} (+ u for Ĝ - I, u for 1 +),
+    # the sums gamma_k, two square roots and a product 3u, the additions and the final square root 3u
+    rel = gamma(k * k + 2) + gamma(k) + 8 * U64
+    lam = torch.minimum(near_identity, gershgorin) + gram_err
+    # the scaling moved each entry by <= 2^-1074 (in W_s's units): sigma grows by <= sqrt(mn) 2^-1074
+    sigma_s = round_up(torch.sqrt(lam), rel) + math.sqrt(m * n) * 2.0 ** -1074
+    sigma = round_up(scale_pow2_back(sigma_s, s), U64)
+    return torch.nan_to_num(sigma, nan=math.inf)        # a non-finite entry makes the Gram NaN or inf
+
+
+def _gram_scale(w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W_s, s): W_s = 2^s W with the root-mean-square of its k singular values near 1 (so that a
+    nearly orthogonal W keeps a Gram near I). Any power of two is exact in range; a W whose norm
+    is far from 1 goes through ``scale_pow2`` first (no overflow, module doc)."""
+    rms = torch.linalg.matrix_norm(w, ord="fro", keepdim=True) / math.sqrt(k)
+    if not bool(((rms > 2.0 ** -400) & (rms < 2.0 ** 400)).all()):
+        w, s0 = scale_pow2(w)
+        rms = torch.linalg.matrix_norm(w, ord="fro", keepdim=True) / math.sqrt(k)
+    else:
+        s0 = torch.zeros_like(rms)
+    t = torch.where(rms > 0, torch.round(-torch.log2(rms)), torch.zeros_like(rms))
+    return _times_pow2(w, t), (s0 + t)[..., 0, 0]
 
 
 def scale_pow2_back(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """x 2^-s for a non-negative x (the inverse of ``scale_pow2``), in steps of at most 2^1000."""
-    out, left = x, -s
-    for _ in range(3):
-        part = left.clamp(-1000, 1000)
-        out = out * torch.pow(2.0, part)
-        left = left - part
-    return out
+    """x 2^-s (the inverse of ``scale_pow2``), in steps of at most 2^1000."""
+    return _times_pow2(x, -s)
+
+
+def abs_norms(a: torch.Tensor) -> tuple[float, float, float]:
+    """For a (batch of) real or complex matrix, upper bounds of (|| |A| ||_2, max |A_ij|,
+    max_i ||a_i||_2): sqrt(||A||_1 ||A||_inf), the largest entry, the largest row norm, computed
+    in float64 (on 2^s |A| when max |A_ij| is outside [2^-400, 2^400]) and rounded up; inf if A
+    has a non-finite entry."""
+    a = a.detach()
+    m = (a.to(torch.complex128) if a.is_complex() else a.to(torch.float64)).abs()  # |z|: error <= 2u
+    if m.numel() == 0:
+        return 0.0, 0.0, 0.0
+    amax = m.max().item()
+    if not math.isfinite(amax):
+        return math.inf, math.inf, math.inf
+    s = torch.zeros((), dtype=torch.float64, device=m.device)
+    if amax > 0 and not 2.0 ** -400 <= amax <= 2.0 ** 400:
+        m, s = scale_pow2(m, dims=tuple(range(m.dim())))
+        s = s.reshape(())
+    # sums of non-negative terms (|z| adds 2u), a product, square roots: relative error <= rel;
+    # squares below 2^-1022 lose TINY each: sqrt(n TINY) of a row norm
+    rel = gamma(max(m.shape[-2], m.shape[-1])) + 8 * U64
+    norm = torch.sqrt(m.sum(-2).amax() * m.sum(-1).amax())
+    row = torch.sqrt(m.square().sum(-1).amax()) + math.sqrt(m.shape[-1] * TINY)
+    back = scale_pow2_back(round_up(torch.stack([norm, row]), rel), s)
+    return float(round_up(back[0], U64)), amax, float(round_up(back[1], U64))
 
 
 def abs_norm_bound(a: torch.Tensor) -> float:
-    """Upper bound of || |A| ||_2 for a (batch of) real or complex matrix: sqrt(||A||_1 ||A||_inf),
-    computed in float64 on 2^s A and rounded up; inf if A has a non-finite entry."""
-    a = a.detach()
-    m = (a.to(torch.complex128) if a.is_complex() else a.to(torch.float64)).abs()
-    if not bool(torch.isfinite(m).all()):
-        return math.inf
-    ms, s = scale_pow2(m, dims=tuple(range(m.dim())))
-    cols = round_up(ms.sum(-2).amax(), gamma(m.shape[-2]) + 4 * U64)   # |z| of a complex entry: <= 2u
-    rows = round_up(ms.sum(-1).amax(), gamma(m.shape[-1]) + 4 * U64)
-    norm_s = round_up(torch.sqrt(round_up(rows * cols, U64)), U64)
-    return float(round_up(scale_pow2_back(norm_s, s.reshape(())), U64))
+    """Upper bound of || |A| ||_2 <= sqrt(||A||_1 ||A||_inf) (``abs_norms``)."""
+    return abs_norms(a)[0]
 
 
 def operator_norm_bound(mats: torch.Tensor) -> float:

@@ -75,7 +75,7 @@ class RoundingBound:
     reach; lip bounds the trunk's program, fnorm >= ||f^(x)||, bias the head's bias."""
 
     a: torch.Tensor
-    b: torch.Tensor
+    b: torch.Tensor | float
     lip: float
     fnorm: torch.Tensor
     bias: torch.Tensor
@@ -155,7 +155,8 @@ def _pair_error(rb: RoundingBound, w: torch.Tensor, y: torch.Tensor,
     rows = w.norm(dim=1) * (1 + gamma(w.shape[1] + 1))
     under = (w.shape[1] + 1) * TINY * (1 + w.abs().amax(dim=1))
     bias = rb.bias.to(w).abs()
-    a, b = rb.a[:, None].to(w), rb.b[:, None].to(w)
+    a = rb.a[:, None].to(w)
+    b = torch.as_tensor(rb.b, dtype=w.dtype, device=w.device).reshape(-1, 1)
     fn = rb.fnorm[:, None].to(w)
     nn_ = rows[y][:, None] + rows[None]
     alpha = (dist_y * a + g * (nn_ * (fn + 2 * a) + bias[y][:, None] + bias[None])

@@ -95,7 +95,7 @@ def _check_overrides(cls: type, program: str, path: str, what: str) -> None:
 def _check_instance(module: nn.Module, path: str) -> None:
     """No method replaced on the instance (but a ``same_function`` forward), no forward hooks."""
     for name, value in vars(module).items():
-        if (name in _NEUTRAL or not callable(value) or not callable(getattr(type(module), name, None))
+        if (not callable(value) or name in _NEUTRAL or not callable(getattr(type(module), name, None))
                 or (name == "forward" and getattr(value, _SAME, False))):
             continue
         raise NotCertifiable(f"{path} ({type(module).__name__}): its {name} was replaced on the "

@@ -25,17 +25,19 @@ whole ball (0 when x itself leaves float64's range): a certificate never exceeds
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from .bounds import (TINY, U64, abs_norm_bound, gamma, round_up, scale_pow2, scale_pow2_back,
+from .bounds import (TINY, U64, abs_norm_bound, abs_norms, gamma, round_up, scale_pow2, scale_pow2_back,
                      spectral_norm_bound)
 from .ops.registry import reference_only
 
-__all__ = ["Step", "Propagation", "propagate", "program_lipschitz", "norm_upper", "linear", "translate", "scale", "exact",
+__all__ = ["Step", "Propagation", "propagate", "program_lipschitz", "norm_upper", "linear", "linear_chain",
+           "translate", "scale", "exact",
            "l2_pool", "residual_conv", "bro_conv", "U64", "UP", "TINY", "OMEGA", "FFT_CONSTANT"]
 
 # Multiplies a norm or a bound computed in float64 from at most 9e9 non-negative terms
@@ -69,12 +71,9 @@ def _numel(shape: tuple[int, ...]) -> int:
     return math.prod(shape)
 
 
-def _max_row_norm(a: torch.Tensor) -> float:
-    """An upper bound of max_i ||a_i||_2 over the rows of a (batch of) matrix."""
-    m = a.detach().abs().to(torch.float64)
-    ms, s = scale_pow2(m, dims=tuple(range(m.dim())))
-    rows = round_up(torch.sqrt(round_up(ms.square().sum(-1).amax(), gamma(m.shape[-1]))), U64)
-    return float(round_up(scale_pow2_back(rows, s.reshape(())), U64))
+def _cached(error: Error) -> Error:
+    """``error`` remembered per shape (a program sees the same shapes batch after batch)."""
+    return functools.lru_cache(maxsize=8)(error)
 
 
 def linear(a: torch.Tensor, name: str = "linear", lip: float | None = None) -> Step:
@@ -84,14 +83,33 @@ def linear(a: torch.Tensor, name: str = "linear", lip: float | None = None) -> S
     a64 = a.detach().to(torch.float64)
     m, n = a64.shape[-2], a64.shape[-1]
     lip = float(spectral_norm_bound(a64)) if lip is None else float(lip)
-    kin = gamma(n) * abs_norm_bound(a64) + math.sqrt(m * n) * 2.0 ** -1022
-    per_out = n * TINY * (1.0 + a64.abs().max().item()) if a64.numel() else 0.0
-    row = _max_row_norm(a64)
+    abs_norm, amax, row = abs_norms(a64)
+    kin = gamma(n) * abs_norm + math.sqrt(m * n) * 2.0 ** -1022
+    per_out = n * TINY * (1.0 + amax)
 
     def error(shape: tuple[int, ...]) -> tuple[float, float]:
         return kin, math.sqrt(_numel(shape) // n * m) * per_out
 
-    return Step(name, lambda h: h @ a64.mT, lip, error, OMEGA / row if row > 0 else math.inf)
+    return Step(name, lambda h: h @ a64.mT, lip, _cached(error), OMEGA / row if row > 0 else math.inf)
+
+
+def linear_chain(first: torch.Tensor, second: torch.Tensor, name: str, lip: float) -> Step:
+    """h -> (h A1^T) A2^T, computed as one GEMM h P^T with P = fl(A2 A1) formed once in float64
+    (inner length k): |P - A2 A1| <= gamma_k |A2| |A1| + k TINY entrywise, so the error is at most
+    gamma_n |h| |P|^T + gamma_k |h| |A1|^T |A2|^T + the GEMM's underflow, and
+    || |A1|^T |A2|^T ||_2 <= || |A1| ||_2 || |A2| ||_2. ``lip`` bounds ||A2 A1||_2."""
+    a1, a2 = first.detach().to(torch.float64), second.detach().to(torch.float64)
+    p = a2 @ a1
+    (m, n), k = p.shape, a1.shape[0]
+    p_abs, amax, row = abs_norms(p)
+    kin = (gamma(n) * p_abs + gamma(k) * abs_norm_bound(a1) * abs_norm_bound(a2)
+           + math.sqrt(m * n) * (k + 1) * TINY + math.sqrt(m * n) * 2.0 ** -1022)
+    per_out = n * TINY * (1.0 + amax)
+
+    def error(shape: tuple[int, ...]) -> tuple[float, float]:
+        return kin, math.sqrt(_numel(shape) // n * m) * per_out
+
+    return Step(name, lambda h: h @ p.mT, float(lip), _cached(error), OMEGA / row if row > 0 else math.inf)
 
 
 def translate(c: torch.Tensor, name: str = "translate") -> Step:
@@ -106,7 +124,7 @@ def translate(c: torch.Tensor, name: str = "translate") -> Step:
         c_norm = math.sqrt(c_sq * numel / max(c64.numel(), 1)) * (1 + 4 * U64)   # c repeated over h
         return U64, U64 * c_norm + math.sqrt(numel) * TINY
 
-    return Step(name, lambda h: h + c64, 1.0, error, max(OMEGA - c_max, 0.0))
+    return Step(name, lambda h: h + c64, 1.0, _cached(error), max(OMEGA - c_max, 0.0))
 
 
 def scale(s: torch.Tensor | float, divide: bool = False, name: str = "scale") -> Step:
@@ -119,13 +137,14 @@ def scale(s: torch.Tensor | float, divide: bool = False, name: str = "scale") ->
     def error(shape: tuple[int, ...]) -> tuple[float, float]:
         return U64 * factor, math.sqrt(_numel(shape)) * TINY * (1.0 + factor)
 
-    return Step(name, fn, factor, error, OMEGA / factor if factor > 0 else math.inf)
+    return Step(name, fn, factor, _cached(error), OMEGA / factor if factor > 0 else math.inf)
 
 
 def exact(fn: Callable[[torch.Tensor], torch.Tensor], name: str) -> Step:
-    """A 1-Lipschitz operation computed without rounding (permutation, |.|, max/min, sorting,
-    reshape); TINY per entry covers inputs below 2^-1022 read as zero (denormals-are-zero)."""
-    return Step(name, fn, 1.0, lambda shape: (0.0, math.sqrt(_numel(shape)) * TINY))
+    """A 1-Lipschitz operation computed without arithmetic (permutation, |.|, max/min, sorting,
+    reshape), so no input overflows it; TINY per entry covers inputs below 2^-1022 read as
+    zero (denormals-are-zero)."""
+    return Step(name, fn, 1.0, _cached(lambda shape: (0.0, math.sqrt(_numel(shape)) * TINY)), math.inf)
 
 
 def l2_pool(eps: float = 1e-12, name: str = "pool") -> Step:
@@ -139,7 +158,7 @@ def l2_pool(eps: float = 1e-12, name: str = "pool") -> Step:
         return g, (g * math.sqrt(channels * eps) + math.sqrt(channels) * positions * TINY
                    / (2 * math.sqrt(eps))) * (1 + 4 * U64)
 
-    return Step(name, lambda h: torch.sqrt(h.square().sum(dim=(-3, -2)) + eps), 1.0, error,
+    return Step(name, lambda h: torch.sqrt(h.square().sum(dim=(-3, -2)) + eps), 1.0, _cached(error),
                 math.sqrt(OMEGA) / 2)
 
 
@@ -170,7 +189,7 @@ def residual_conv(weight: torch.Tensor, lip: float, name: str = "residual_conv")
     def error(shape: tuple[int, ...]) -> tuple[float, float]:
         return kin, math.sqrt(_numel(shape)) * per_out
 
-    return Step(name, lambda h: h + _circular_conv_by_shifts(h, w64), float(lip), error, OMEGA / (1 + fro))
+    return Step(name, lambda h: h + _circular_conv_by_shifts(h, w64), float(lip), _cached(error), OMEGA / (1 + fro))
 
 
 def bro_conv(spectrum: torch.Tensor, grid: tuple[int, int], lip: float, name: str = "bro_conv") -> Step:
@@ -194,29 +213,35 @@ def bro_conv(spectrum: torch.Tensor, grid: tuple[int, int], lip: float, name: st
     def error(shape: tuple[int, ...]) -> tuple[float, float]:
         return kin, math.sqrt(_numel(shape)) * per_out
 
-    return Step(name, fn, float(lip), error, OMEGA / (n * (1 + fro)))
+    return Step(name, fn, float(lip), _cached(error), OMEGA / (n * (1 + fro)))
 
 
 def norm_upper(h: torch.Tensor) -> torch.Tensor:
-    """Per example (first dim), an upper bound of ||h_i||_2 at every scale: computed on 2^s h_i
-    (max entry in [1, 2): no overflow, squares below 2^-1022 lose at most TINY each)."""
+    """Per example (first dim), an upper bound of ||h_i||_2 at every scale: sqrt(sum h^2) with its
+    relative error gamma_{n+1}, plus sqrt(n TINY) for squares that underflow (each loses <= TINY);
+    an example whose sum overflows is computed again on 2^s h_i (max entry in [1, 2))."""
     flat = h.reshape(h.shape[0], _numel(tuple(h.shape[1:])))
-    if flat.shape[1] == 0:
-        return flat.new_zeros(flat.shape[0])
-    hs, s = scale_pow2(flat, dims=(1,))
     n = flat.shape[1]
-    norm = round_up(torch.linalg.vector_norm(hs, dim=1), gamma(n + 1)) + math.sqrt(n * TINY)
-    return round_up(scale_pow2_back(norm, s[:, 0]), U64)
+    if n == 0:
+        return flat.new_zeros(flat.shape[0])
+    norm = round_up(torch.linalg.vector_norm(flat, dim=1), gamma(n + 1)) + math.sqrt(n * TINY)
+    big = torch.isinf(norm)
+    if bool(big.any()):
+        hs, s = scale_pow2(flat[big], dims=(1,))
+        scaled = round_up(torch.linalg.vector_norm(hs, dim=1), gamma(n + 1))
+        norm[big] = round_up(scale_pow2_back(scaled, s[:, 0]), U64)
+    return norm
 
 
 @dataclass
 class Propagation:
     """A program run on a batch: float64 features; ||f^(x') - f(x')|| <= a + b r on the ball of
-    radius r <= reach; lip = the product of the steps' bounds, rounded up."""
+    radius r <= reach (a and reach per example, b the same for all); lip = the product of the
+    steps' bounds, rounded up."""
 
     features: torch.Tensor
     a: torch.Tensor
-    b: torch.Tensor
+    b: float
     lip: float
     reach: torch.Tensor
 
@@ -231,22 +256,41 @@ def program_lipschitz(steps: list[Step]) -> tuple[float, float]:
 
 
 def propagate(steps: list[Step], x: torch.Tensor) -> Propagation:
-    """Run ``steps`` on x in float64 and bound the error on the whole ball (module doc)."""
+    """Run ``steps`` on x in float64 and bound the error on the whole ball (module doc).
+
+    The norms are computed as sqrt(sum h^2) and rounded up inside the recurrences (factor
+    1 + 2 gamma_{n+1} + 4u, plus sqrt(n TINY) for squares that underflow); a norm that overflows
+    is inf, which makes the reach 0 (the ball leaves float64's range). b and L do not depend on
+    the example: they are floats. The reach is min over the steps of
+    (max_in - ||h^_{l-1}(x)|| - 2 a_{l-1}) / (L_{l-1} + 2 b_{l-1})."""
     h = x.to(torch.float64)
     a = torch.zeros(h.shape[0], dtype=torch.float64, device=h.device)
-    b = torch.zeros_like(a)
-    reach = torch.full_like(a, math.inf)
-    lip = 1.0
+    b, lip = 0.0, 1.0
+    # ||h^_{l-1}|| + 2 a_{l-1} per checked step, written into one buffer (small tensors kept alive
+    # between the steps' large temporaries fragment the CPU heap and cost page faults)
+    seen = torch.empty(len(steps), h.shape[0], dtype=torch.float64, device=h.device)
+    room = []
     with reference_only():                   # the arithmetic the rounding bounds describe
         for step in steps:
-            kin, kc = step.error(tuple(h.shape[1:]))
-            norm = norm_upper(h)
-            room = (step.max_in - norm - 2 * a) * (1 - 1e-6)
-            reach = torch.minimum(reach, torch.where(room > 0, room / (lip + 2 * b), 0.0))
-            a, b = (step.lip * a + kin * (norm + 2 * a) + kc,
-                    step.lip * b + kin * (lip + 2 * b))
+            shape = tuple(h.shape[1:])
+            n = _numel(shape)
+            kin, kc = step.error(shape)
+            if kin == 0 and step.max_in == math.inf:     # no rounding relative to ||h||, no overflow
+                a = a * step.lip + kc
+            else:
+                c_rel, c_abs = 1 + 2 * gamma(n + 1) + 4 * U64, TINY + math.sqrt(n * TINY)
+                norm = torch.linalg.vector_norm(h.reshape(h.shape[0], n), dim=1)
+                torch.add(norm * c_rel + c_abs, a, alpha=2, out=seen[len(room)])
+                room.append((step.max_in, lip + 2 * b))
+                a = a * (step.lip + 2 * kin) + norm * (kin * c_rel) + (kin * c_abs + kc)
+                b = step.lip * b + kin * (lip + 2 * b)
             lip *= step.lip
             h = step.fn(h)
+    reach = torch.full_like(a, math.inf)
+    if room:
+        max_in, slope = (torch.tensor(v, dtype=torch.float64, device=a.device)[:, None] for v in zip(*room))
+        left = (max_in - seen[:len(room)]) * (1 - 1e-6)
+        reach = torch.nan_to_num(torch.where(left > 0, left / slope, 0.0).amin(0), nan=0.0)
     ops = gamma(8 * len(steps) + 8)
-    reach = torch.nan_to_num(reach, nan=0.0)
-    return Propagation(h, round_up(a, ops), round_up(b, ops), program_lipschitz(steps)[1], reach)
+    return Propagation(h, round_up(a, ops), float(round_up(torch.tensor(b), ops)),
+                       program_lipschitz(steps)[1], reach)

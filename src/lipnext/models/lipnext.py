@@ -37,7 +37,7 @@ from ..nn.activation import BetaAbs, make_activation
 from ..nn.lie import lie_slice
 from ..nn.stem import SharedPositionalEncoding
 from ..program import lipschitz_of, steps_of
-from ..rounding import Step, linear, translate
+from ..rounding import Step, linear, linear_chain, translate
 from .base import CertifiableConfig, CertifiableModel, check_images
 from .registry import register_arch, register_sizes
 
@@ -73,19 +73,19 @@ class LipNeXtBlock(nn.Module):
     @torch.no_grad()
     def lipschitz_bound(self) -> float:
         """bound(R)^2 bound(M) times the bounds of p, S and the activation (1 for the built-in ones)."""
-        r, m = float(spectral_norm_bound(self.R)), float(spectral_norm_bound(self.M))
+        r, m = spectral_norm_bound(torch.stack([self.R, self.M])).tolist()
         return (r * r * m * lipschitz_of(self.pos, "pos") * lipschitz_of(self.shift, "shift")
                 * lipschitz_of(self.act, "act"))
 
     @torch.no_grad()
     def rounding_steps(self, name: str) -> list[Step]:
-        """+ p, GEMM by R^T, S, GEMM by R, GEMM by M^T, + b, the activation: R M^T as the exact
-        product, one float64 copy of R for R and R^T."""
+        """+ p, GEMM by R^T, S, one GEMM by R M^T (formed once in float64, its rounding in the
+        step's bound), + b, the activation."""
         r = self.R.detach().to(torch.float64)
-        r_lip = float(spectral_norm_bound(r))
+        r_lip, m_lip = spectral_norm_bound(torch.stack([self.R, self.M])).tolist()
         return [*steps_of(self.pos, f"{name}.pos"), linear(r, f"{name}.R", lip=r_lip),
-                *steps_of(self.shift, f"{name}.shift"), linear(r.mT, f"{name}.R^T", lip=r_lip),
-                linear(self.M, f"{name}.M", lip=float(spectral_norm_bound(self.M))),
+                *steps_of(self.shift, f"{name}.shift"),
+                linear_chain(r.mT, self.M, f"{name}.RM^T", lip=r_lip * m_lip),
                 translate(self.bias, f"{name}.bias"), *steps_of(self.act, f"{name}.act")]
 
     #: deliver R^T dR and M^T dM as the gradients of R and M (``lipnext.nn.lie``; switched on
