@@ -35,7 +35,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 __all__ = ["RandAugment", "OPS", "op_values", "apply_op", "affine_nearest"]
 
@@ -113,11 +112,14 @@ def _blend(degenerate: torch.Tensor, x: torch.Tensor, f: torch.Tensor) -> torch.
 
 
 def _smooth(x: torch.Tensor) -> torch.Tensor:
-    """PIL's SMOOTH filter: interior pixels smoothed, the one-pixel border kept."""
-    c = x.shape[1]
-    k = torch.tensor(SMOOTH, dtype=x.dtype, device=x.device) / 13.0
+    """PIL's SMOOTH filter: interior pixels smoothed, the one-pixel border kept. Nine shifted
+    slices rather than conv2d, whose algorithm (and rounding) depends on the batch size: an
+    image gets the same bits on one process or on several."""
+    h, w = x.shape[-2:]
+    total = sum(SMOOTH[1 + dy][1 + dx] * x[..., 1 + dy:h - 1 + dy, 1 + dx:w - 1 + dx]
+                for dy in (-1, 0, 1) for dx in (-1, 0, 1))
     out = x.clone()
-    out[..., 1:-1, 1:-1] = F.conv2d(x, k.expand(c, 1, 3, 3), groups=c)
+    out[..., 1:-1, 1:-1] = total / 13.0
     return out
 
 
