@@ -2,10 +2,13 @@
 RandAugment calls on the PIL images of the LiResNet++ recipe; its draws; its place in Augment."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
+from lipnext.cli import main
 from lipnext.config import load_config
 from lipnext.data import Augment
 from lipnext.data.randaugment import OPS, SIGNED, RandAugment, apply_op, op_values
@@ -164,3 +167,26 @@ def test_config_keys_and_errors():
             load_config(None, [bad])
     with pytest.raises(ValueError, match="grey or RGB"):
         RandAugment().apply(torch.zeros(2, 4, 8, 8), RandAugment().sample(2, torch.Generator()))
+
+
+def test_paper_configs_carry_the_recipes_augmentation():
+    """CIFAR and Tiny-ImageNet: LiResNet++'s RandomCrop (zero fill) + flip + RandAugment(2, 9) with
+    p = 1/2, generated images cropped with half the padding; ImageNet: RandAugment on every real
+    image; the small CPU configs: off."""
+    for name, pad, gen_pad, p in [("cifar10_l32w1024", 4, 2, 0.5), ("cifar10_l32w2048", 4, 2, 0.5),
+                                  ("cifar100_l32w2048", 4, 2, 0.5), ("tinyimagenet_l32w2048", 8, 4, 0.5),
+                                  ("imagenet_1b", 16, None, 1.0), ("imagenet_2b", 16, None, 1.0)]:
+        a = load_config(name).augment
+        assert (a.randaugment, a.randaugment_ops, a.randaugment_magnitude, a.randaugment_p) == (True, 2, 9, p), name
+        assert (a.crop_padding, a.generated_crop_padding, a.flip) == (pad, gen_pad, True), name
+        assert a.pad_mode == ("zeros" if gen_pad else "reflect"), name
+    assert not load_config("cifar10_subset_cpu").augment.randaugment and not load_config("demo").augment.randaugment
+
+
+@pytest.mark.parametrize("study", ["studies/randaugment.yaml", "studies/paper/randaugment.yaml"])
+def test_the_randaugment_studies_load(study, monkeypatch, capsys):
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])       # their base configs are relative paths
+    assert main(["study", study, "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 6 and {line.split()[-1] for line in lines} == {"augment.randaugment=true",
+                                                                         "augment.randaugment=false"}
