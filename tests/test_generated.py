@@ -109,7 +109,6 @@ def test_batches_after_a_restart_are_bit_identical(tmp_path, generated):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
-@pytest.mark.slow
 def test_a_resumed_mixed_run_repeats_the_uninterrupted_one(tmp_path, generated):
     train(_cfg(tmp_path, generated, "full"))
     assert train(_cfg(tmp_path, generated, "cut", "train.stop_at_step=11")) == {"interrupted": True, "step": 11}

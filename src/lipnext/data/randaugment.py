@@ -49,8 +49,8 @@ def op_values(magnitude: int, bins: int, image_size: tuple[int, int]) -> dict[st
     """Each op's value at ``magnitude`` (torchvision's bins, float32 linspace as there)."""
     h, w = image_size
 
-    def level(hi: float, lo: float = 0.0) -> float:
-        return float(torch.linspace(lo, hi, bins)[magnitude])
+    def level(hi: float) -> float:
+        return float(torch.linspace(0.0, hi, bins)[magnitude])
 
     return {"shear_x": level(0.3), "shear_y": level(0.3),
             "translate_x": float(int(level(150.0 / 331.0 * w))),
