@@ -153,7 +153,9 @@ def apply_op(op: str, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     if op == "color":
         return x if x.shape[1] == 1 else _blend(_grey(x), x, 1.0 + v)
     if op == "contrast":
-        return _blend(_grey(x).mean(dim=(1, 2, 3), keepdim=True), x, 1.0 + v)
+        # mean in float64: the float32 result does not show the reduction's order, which on a
+        # GPU may depend on the batch size (and so on the number of processes)
+        return _blend(_grey(x).double().mean(dim=(1, 2, 3), keepdim=True).to(x.dtype), x, 1.0 + v)
     if op == "sharpness":
         return x if min(x.shape[-2:]) < 3 else _blend(_smooth(x), x, 1.0 + v)
     if op == "posterize":
