@@ -41,6 +41,11 @@ class AugmentConfig:
     pad_mode: str = "reflect"            # reflect | zeros
     flip: bool = True                    # random horizontal flip
     cutout: int = 0                      # cutout square side in pixels (0 = off)
+    randaugment: bool = False            # RandAugment on the real images (not the generated ones)
+    randaugment_ops: int = 2             # ops per augmented image (N)
+    randaugment_magnitude: int = 9       # magnitude M, of 31 bins (0..30)
+    randaugment_p: float = 0.5           # probability that a real image is augmented
+    generated_crop_padding: Optional[int] = None  # crop padding of generated images (null: crop_padding)
 
 
 @dataclass
@@ -164,6 +169,8 @@ def _check(cfg: Config) -> Config:
         raise ValueError(f"data.generated_fraction must lie in [0, 1), got {cfg.data.generated_fraction}")
     if cfg.data.generated_fraction > 0 and not cfg.data.generated:
         raise ValueError("data.generated_fraction > 0 needs data.generated (a dataset spec)")
+    from .data import Augment
+    Augment(**OmegaConf.to_container(cfg.augment))       # its own checks of the augment keys
     if cfg.train.on_nan == "rollback" and not cfg.train.checkpoint:
         raise ValueError("train.on_nan=rollback needs checkpoints (train.checkpoint=true)")
     if cfg.certify.radius_unit <= 0:

@@ -6,16 +6,19 @@ step t of the epoch takes its next ``b_real`` indices (the last partial batch is
 With generated images mixed in at fraction f, each global batch also holds
 ``b_gen = round(f B)`` generated images drawn uniformly from seed (seed, t). Rank r of W
 takes rows [r B/W, (r+1) B/W) of the global batch; augmentation parameters are drawn
-for the whole global batch from seed (seed, t) and sliced the same way.
+for the whole global batch from seed (seed, t) and sliced the same way; the real rows
+come first, so RandAugment (real images only) knows its rows by their index.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import numpy as np
 import torch
 
-__all__ = ["BatchPlan", "step_generator"]
+__all__ = ["BatchPlan", "step_generator", "additional_data"]
 
 
 def _seed(*parts: int) -> int:
@@ -64,3 +67,14 @@ class BatchPlan:
         """This rank's rows of the global batch."""
         per = self.batch_size // self.world_size
         return slice(self.rank * per, (self.rank + 1) * per)
+
+
+def additional_data(plan: BatchPlan, generator: str | None) -> dict | None:
+    """What a run's results record of its generated images: ``{"generator": spec, "images": N,
+    "real_to_generated": "1:3"}`` (the per-batch counts b_real:b_gen in lowest terms), or
+    None when no generated image is mixed in."""
+    if not plan.b_gen:
+        return None
+    g = math.gcd(plan.b_real, plan.b_gen)
+    return {"generator": generator, "images": plan.n_generated,
+            "real_to_generated": f"{plan.b_real // g}:{plan.b_gen // g}"}

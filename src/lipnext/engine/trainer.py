@@ -38,7 +38,7 @@ from ..models.registry import build_from_config
 from ..optim import build_optimizer
 from ..program import same_function
 from ..report import format_table, plot_certified_accuracy, results_dict, write_json
-from .batches import BatchPlan, step_generator
+from .batches import BatchPlan, additional_data, step_generator
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .evaluate import certify_dataset
 from .distributed import (DistInfo, all_true, barrier, broadcast_float, build_model, full_state_dict,
@@ -289,7 +289,7 @@ class Trainer:
     def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The augmented training batch of ``step`` on this rank: real images, then generated ones."""
         params = self.augment.sample(self.plan.batch_size, self.train_ds.image_size,
-                                     step_generator(self.cfg.train.seed, step, 3))
+                                     step_generator(self.cfg.train.seed, step, 3), self.plan.b_real)
         params = {k: v[self.plan.local_rows()] for k, v in params.items()}
         x, y = self._real_images(step)
         if self.gen_ds is not None and len(gen := self._local_indices(step)[1]):
@@ -532,7 +532,8 @@ class Trainer:
                        "loop_cpu_s": round(self.loop_cpu_s, 1),
                        "stopped_early_at_step": self.stopped_early, "total_steps": self.total_steps,
                        "world_size": self.info.world_size, "device": str(self.device),
-                       "precision": "bf16" if self.bf16 else "fp32", "run_dir": str(self.run_dir)}
+                       "precision": "bf16" if self.bf16 else "fp32", "run_dir": str(self.run_dir),
+                       "additional_data": additional_data(self.plan, cfg.data.generated)}
             if split is None:
                 write_json({**results, "certified": False}, self.run_dir / "results.json")
                 self.log.log({"kind": "final", "step": self.step, "split": None})
