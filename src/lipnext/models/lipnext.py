@@ -33,7 +33,7 @@ from ..bounds import spectral_norm_bound
 from ..ops.lipnext_block import fuses, lipnext_block
 from ..nn import (L2Pool, NormalizedLinear, OrthogonalParameter, OrthogonalPatchStem,
                   PositionalEncoding, SpatialShift, random_orthogonal)
-from ..nn.activation import BetaAbs, make_activation
+from ..nn.activation import BetaAbs, activation_names, make_activation
 from ..nn.lie import lie_slice
 from ..nn.stem import SharedPositionalEncoding
 from ..program import lipschitz_of, steps_of
@@ -197,6 +197,10 @@ class LipNeXtConfig(CertifiableConfig):
         if self.pos_encoding not in POS_ENCODINGS:
             raise ValueError(f"pos_encoding must be one of {', '.join(POS_ENCODINGS)}, "
                              f"got {self.pos_encoding!r}")
+        if self.activation not in activation_names():
+            raise ValueError(f"activation must be one of {', '.join(activation_names())}, got "
+                             f"{self.activation!r} (an activation of your own: register_activation, "
+                             "and --import its module on the command line)")
         self.std = None if self.std is None else [float(v) for v in self.std]
 
 

@@ -19,9 +19,7 @@ from ..ops.beta_abs import beta_abs
 from ..rounding import Step, exact
 from .minmax import MinMax
 
-__all__ = ["ACTIVATIONS", "BetaAbs", "activation_names", "make_activation", "register_activation"]
-
-ACTIVATIONS = ("beta_abs", "minmax", "identity")
+__all__ = ["BetaAbs", "activation_names", "make_activation", "register_activation"]
 
 
 class BetaAbs(nn.Module):

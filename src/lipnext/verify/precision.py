@@ -10,9 +10,13 @@ rounding bound. Checked here, on all points:
   twin's logits, hence no point is certified at a reported eps by the former only;
 * reported: the largest radius reduction due to the rounding bound, and how many points
   the float32 forward pass (as deployed) classifies differently from the twin.
+
+``fft_error_constant`` measures the constant of the FFT error bound that the BRO step
+assumes (an assumption about the FFT library, docs/RELIABILITY.md).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -20,9 +24,10 @@ import torch
 from ..certify import Certificate, _radii, certify
 from ..modes import evaluating, standard_numerics
 from ..program import float64_twin
+from ..rounding import FFT_CONSTANT
 from .report import CheckResult
 
-__all__ = ["precision_check", "certify_float64"]
+__all__ = ["certify_float64", "fft_error_constant", "precision_check"]
 
 
 @torch.no_grad()
@@ -93,3 +98,32 @@ def precision_check(model, x: torch.Tensor, y: torch.Tensor,
                f"float32 forward differs from the twin on {disagree} points" if not problems
                else "; ".join(problems))
     return CheckResult("precision", not problems, summary, details)
+
+
+def fft_error_constant(device: str | torch.device = "cpu", grids: Sequence[tuple[int, int]] = (
+        (4, 4), (7, 5), (8, 8), (14, 14), (16, 16), (28, 28), (32, 32), (56, 56), (64, 64)),
+        channels: int = 8, trials: int = 4, seed: int = 0) -> dict:
+    """The measured constant c of the FFT bound the BRO step assumes (``rounding.FFT_CONSTANT``):
+    max over grids and inputs of ||fl(F x) - F x|| / (u (log2 N + 1) ||x||) for torch's float64
+    rfft2 and irfft2 (orthonormal) on ``device``, against numpy's long-double FFT (64-bit
+    mantissa: its own error is below 1e-3 of a float64 one). Inputs: Gaussian, constant, impulse."""
+    import numpy as np
+    gen = torch.Generator().manual_seed(seed)
+    worst: dict[str, float] = {"rfft2": 0.0, "irfft2": 0.0}
+    for n1, n2 in grids:
+        scale = 2.0 ** -53 * (math.log2(n1 * n2) + 1)
+        inputs = [torch.randn(channels, n1, n2, generator=gen, dtype=torch.float64) for _ in range(trials)]
+        inputs += [torch.ones(channels, n1, n2, dtype=torch.float64),
+                   torch.zeros(channels, n1, n2, dtype=torch.float64).index_fill_(-1, torch.tensor([0]), 1.0)]
+        for x in inputs:
+            ref = np.fft.rfft2(x.numpy().astype(np.longdouble), norm="ortho")
+            got = torch.fft.rfft2(x.to(device), norm="ortho").cpu().numpy().astype(np.clongdouble)
+            worst["rfft2"] = max(worst["rfft2"], float(np.linalg.norm(got - ref) / (scale * np.linalg.norm(
+                x.numpy().astype(np.longdouble)))))
+            spec = torch.fft.rfft2(x, norm="ortho")
+            ref_i = np.fft.irfft2(spec.numpy().astype(np.clongdouble), s=(n1, n2), norm="ortho")
+            got_i = torch.fft.irfft2(spec.to(device), s=(n1, n2), norm="ortho").cpu().numpy().astype(np.longdouble)
+            worst["irfft2"] = max(worst["irfft2"], float(np.linalg.norm(got_i - ref_i) / (scale * np.linalg.norm(
+                spec.numpy().astype(np.clongdouble)) * math.sqrt(2))))
+    return {"device": str(device), "grids": [list(g) for g in grids], "constant": worst,
+            "assumed": FFT_CONSTANT}
