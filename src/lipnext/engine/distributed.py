@@ -37,7 +37,7 @@ from ..optim import assign_owners
 
 __all__ = ["DistInfo", "setup", "teardown", "wrap_model", "barrier", "resolve_device", "shard_model",
            "is_sharded", "unsharded", "full_state_dict", "load_full_state_dict", "build_model",
-           "clip_gradients", "lipschitz_bound", "broadcast_float"]
+           "clip_gradients", "lipschitz_bound", "broadcast_float", "sum_float"]
 
 
 @dataclass
@@ -234,4 +234,13 @@ def broadcast_float(value: float, info: DistInfo, device: torch.device) -> float
         return value
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.broadcast(t, src=0)
+    return t.item()
+
+
+def sum_float(value: float, info: DistInfo, device: torch.device) -> float:
+    """The sum of ``value`` over the ranks, on every rank (collective; float64)."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
     return t.item()
