@@ -16,6 +16,7 @@ QR factorisations of 5792 x 5792 on every rank's CPU.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -153,6 +154,12 @@ def shard_model(model: torch.nn.Module, device: torch.device, bf16: bool = False
     for block in getattr(model, "blocks", []):
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+    # A LipNeXt block returns a view (ops.lipnext_block reshapes its output); FSDP2 warns in case
+    # an in-place op follows, which would skip its pre-backward hook. None does: each block's
+    # output goes to the next block's positional encoding (x + p) or to the pool, both out of
+    # place (docs/TRAINING.md, FSDP). Only that warning, for that class, is silenced.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPLipNeXtBlock\) returned a view",
+                            category=UserWarning)
     for name, p in model.named_parameters():
         if name in orthogonal:
             mark_orthogonal(p)
