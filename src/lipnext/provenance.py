@@ -71,11 +71,31 @@ def _file_sha256(path: Path, h: Any = None) -> str:
     return h.hexdigest()
 
 
+def _data_files(kind: str, folder: Path) -> list[Path]:
+    """The files a folder dataset's loader reads (not whatever else the folder holds)."""
+    def under(*parts: Path) -> list[Path]:
+        return [f for part in parts if part.exists() for f in ([part] if part.is_file() else part.rglob("*"))
+                if f.is_file()]
+
+    if kind in ("cifar10", "cifar100"):
+        inner, marker = (("cifar-10-batches-py", "batches.meta") if kind == "cifar10"
+                         else ("cifar-100-python", "meta"))
+        root = folder if (folder / marker).is_file() else folder / inner
+        names = ([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"] if kind == "cifar10"
+                 else ["train", "test"])
+        return under(*(root / n for n in [*names, marker]))
+    if kind == "tiny-imagenet":
+        root = folder if (folder / "wnids.txt").is_file() else folder / "tiny-imagenet-200"
+        return under(*(root / n for n in ("wnids.txt", "words.txt", "train", "val")))
+    return under(folder / "train", folder / "val")                 # imagenet
+
+
 def data_sha256(spec: str) -> tuple[str | None, str | None]:
-    """(sha256, what it covers) of a dataset spec's data: a file's bytes (``"file"``); a
-    folder's files, each its relative path and bytes in sorted order (``"contents"``, up to
-    2 GiB) or its relative paths and sizes (``"listing"``, larger folders: ImageNet); the
-    built-in digits' arrays (``"arrays"``). (None, None) when the data is missing."""
+    """(sha256, what it covers) of a dataset spec's data: a file's bytes (``"file"``); the files
+    a folder dataset reads (CIFAR's batches; the train and val trees of Tiny-ImageNet and
+    ImageNet), each its relative path and bytes in sorted order (``"contents"``, up to 2 GiB)
+    or its relative path and size (``"listing"``, larger data: ImageNet); the built-in
+    digits' arrays (``"arrays"``). (None, None) when the data is missing."""
     from .data import parse_spec
 
     kind, path = parse_spec(spec)
@@ -90,7 +110,7 @@ def data_sha256(spec: str) -> tuple[str | None, str | None]:
         return _file_sha256(p), "file"
     if not p.is_dir():
         return None, None
-    files = sorted(f for f in p.rglob("*") if f.is_file())
+    files = sorted(_data_files(kind, p))
     sizes = [f.stat().st_size for f in files]
     h = hashlib.sha256()
     by_content = sum(sizes) <= FOLDER_CONTENTS_LIMIT

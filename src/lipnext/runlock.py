@@ -91,8 +91,14 @@ def _acquire(path: Path, command: str) -> int:
         os.close(fd)                # the holder removed it as we opened it: take the new one
     line = json.dumps({"pid": os.getpid(), "command": command, "host": socket.gethostname(),
                        "since": time.strftime("%Y-%m-%d %H:%M:%S")})
-    os.ftruncate(fd, 0)
-    os.write(fd, (line + "\n").encode())
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, (line + "\n").encode())
+    except OSError as e:                     # a full disk
+        os.unlink(path)
+        os.close(fd)
+        raise OSError(e.errno, f"cannot write in {path.parent} (its lock file {path.name}): "
+                      f"{e.strerror}") from None
     return fd
 
 
