@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         if args.debug:
             raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        msg = (e.args[0] if isinstance(e, KeyError) and e.args else
+               e.strerror if isinstance(e, OSError) and e.errno is not None and e.strerror else e)
         print(f"lipnext {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except ImportError as e:             # an optional dependency: name the extra

@@ -241,7 +241,7 @@ def _check(cfg: Config) -> Config:
         raise ValueError(f"loss.temperature must be > 0, got {cfg.loss.temperature}")
     if cfg.optim.chunk_size is not None and cfg.optim.chunk_size < 1:
         raise ValueError(f"optim.chunk_size must be >= 1 or null, got {cfg.optim.chunk_size}")
-    if not cfg.optim.lr > 0 or cfg.optim.min_lr < 0:
+    if not (math.isfinite(cfg.optim.lr) and cfg.optim.lr > 0) or not 0 <= cfg.optim.min_lr < math.inf:
         raise ValueError(f"optim.lr must be > 0 and optim.min_lr >= 0, got {cfg.optim.lr:g} and "
                          f"{cfg.optim.min_lr:g}")
     if cfg.train.time_limit_min is not None and not cfg.train.time_limit_min > 0:

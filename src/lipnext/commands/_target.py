@@ -196,6 +196,10 @@ def load_target(args: argparse.Namespace, verb: str) -> Target:
         opts["val_fraction"] = args.val_fraction
     if run_data is not None:
         _check_split(run, run_data, data, from_run, args.split, opts.get("holdout"), opts.get("val_fraction"))
+    if run == path and not (path / "model.safetensors").exists():
+        ckpts = sorted((path / "checkpoints").glob("step_*"))
+        raise FileNotFoundError(f"{path} has no model.safetensors: the run has not finished"
+                                + (f"; certify its last checkpoint: {ckpts[-1]}" if ckpts else ""))
     model = load_model(path, args.device)
     ds = get_dataset(data, args.split, **opts)
     if ds.num_classes != model.num_classes:

@@ -6,7 +6,7 @@ import argparse
 from contextlib import ExitStack
 from pathlib import Path
 
-from ._target import add_target_arguments, load_target
+from ._target import add_target_arguments, load_target, run_folder
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,17 +21,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..engine.evaluate import certify_dataset
+    from ..engine.run_folder import RUN_FILES
     from ..engine.trainer import radius_label
     from ..report import format_table, plot_certified_accuracy, results_dict, write_json
     from ..runlock import run_lock
 
-    t = load_target(args, "certify")
-    target, model, ds, data, radii, unit = t.path, t.model, t.dataset, t.data, t.radii, t.unit
     outputs = [Path(p) for p in (args.out, args.plot) if p]
     for opt, p in (("--out", args.out), ("--plot", args.plot)):
         if p and Path(p).is_dir():
             raise IsADirectoryError(f"{opt} {p} is a folder; give a file name (e.g. {Path(p) / 'certify.json'})"
                                     if opt == "--out" else f"{opt} {p} is a folder; give a .png file name")
+        if p and Path(p).name in RUN_FILES and run_folder(Path(p).parent) is not None:
+            raise ValueError(f"{opt} {p} would replace the run's own {Path(p).name}; choose another name")
+    t = load_target(args, "certify")
+    target, model, ds, data, radii, unit = t.path, t.model, t.dataset, t.data, t.radii, t.unit
     with ExitStack() as locks:             # one writer per folder written to
         for folder in dict.fromkeys(p.parent for p in outputs):
             locks.enter_context(run_lock(folder, "lipnext certify"))

@@ -38,6 +38,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"{run_state(d):>8}  {d}  {' '.join(cell.overrides)}")
         return 0
     records = collect(study) if args.report else run_study(study, args.shard)
+    if not records:
+        raise ValueError(f"no run of {args.study} has finished yet (in {study.out}); run "
+                         f"`lipnext study {args.study}` first")
     paths = write_outputs(study, records)
     print(format_markdown(summarize(records, [c.name for c in study.cells])), end="")
     print("written: " + ", ".join(str(p) for p in paths.values()))

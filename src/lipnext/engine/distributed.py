@@ -61,7 +61,10 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """'auto' -> cuda:<local_rank> if CUDA is available, else cpu."""
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"train.device={name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"train.device={name} but CUDA is not available; use train.device=auto or cpu")
     if dev.type == "cuda" and dev.index is None:
