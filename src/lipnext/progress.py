@@ -2,8 +2,8 @@
 in a log file or a pipe (a bar there is a flood of carriage returns).
 
 ``progress(total, desc, enabled)`` returns either a ``tqdm`` bar or a :class:`LineProgress`,
-which has the part of tqdm's interface the trainer uses (``update``, ``n``, ``set_postfix``,
-``close``) and prints ``desc: 120/600 steps (20%), 35 s, ETA 2 min 20 s, loss=1.23 ...`` to
+which has the part of tqdm's interface that lipnext uses (``update``, ``n``, ``set_postfix``,
+``set_postfix_str``, ``write``, ``close``) and prints ``desc: 120/600 steps (20%), 35 s, ETA 2 min 20 s, loss=1.23 ...`` to
 stderr whenever another tenth of the total is done or a minute has passed, and at the end.
 """
 from __future__ import annotations
@@ -37,6 +37,14 @@ class LineProgress:
     def set_postfix(self, **values: Any) -> None:
         self._postfix = " ".join(f"{k}={v}" for k, v in values.items())
 
+    def set_postfix_str(self, text: str) -> None:
+        self._postfix = text
+
+    @staticmethod
+    def write(text: str) -> None:
+        """A message line (to stdout, as ``tqdm.write``)."""
+        print(text, flush=True)
+
     def update(self, k: int = 1) -> None:
         self.n += k
         now = time.perf_counter()
@@ -59,7 +67,7 @@ class LineProgress:
 
 
 def progress(total: int, desc: str, enabled: bool = True, initial: int = 0, unit: str = "step",
-             file: TextIO | None = None) -> Any:
+             file: TextIO | None = None, leave: bool = True) -> Any:
     """A tqdm bar when ``file`` (default stderr) is a terminal, else a :class:`LineProgress`;
     a disabled tqdm bar (which prints nothing) when not ``enabled``."""
     from tqdm import tqdm
@@ -68,4 +76,4 @@ def progress(total: int, desc: str, enabled: bool = True, initial: int = 0, unit
     if enabled and not (hasattr(file, "isatty") and file.isatty()):
         return LineProgress(total, desc, initial, unit, file=file)
     return tqdm(total=total, initial=initial, unit=unit, desc=desc, dynamic_ncols=True, mininterval=1.0,
-                disable=not enabled, file=file)
+                disable=not enabled, file=file, leave=leave)

@@ -73,8 +73,6 @@ def parse_budget(text: str) -> tuple[int | None, float | None]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
-
     from ..runlock import run_lock
 
     for name in ("steps", "restarts", "ddn_steps", "era_restarts", "lipschitz_steps",
@@ -101,14 +99,13 @@ def run(args: argparse.Namespace) -> int:
         except OSError as e:                   # a read-only folder: say so now, not after the checks
             hint = f"{e.strerror or e}; give --out DIR for verify.json and verify.md"
             raise (OSError(e.errno, hint) if e.errno is not None else type(e)(hint)) from None
-        return _verify(args, load_target(args, "verify"), out, library, points, seconds, sys.stderr.isatty())
+        return _verify(args, load_target(args, "verify"), out, library, points, seconds)
 
 
 def _verify(args: argparse.Namespace, t, out: Path, library: bool | None, points: int | None,
-            seconds: float | None, terminal: bool) -> int:
+            seconds: float | None) -> int:
     """Run the checks, print the report (on the terminal first), then write verify.json and
-    verify.md into ``out``; progress bars only on a terminal (each check's result is printed
-    as a line anyway)."""
+    verify.md into ``out``."""
     import torch
 
     from ..io import atomic_write
@@ -126,7 +123,7 @@ def _verify(args: argparse.Namespace, t, out: Path, library: bool | None, points
     report = verify_model(model, x.to(args.device), y.to(args.device), eps=[r / unit for r in radii],
                           rule=args.rule, budget=budget, box=not args.no_box,
                           radius_scale=args.radius_scale, ortho_tol=args.ortho_tol, seed=args.seed,
-                          batch_size=args.batch_size, progress=terminal and not args.no_progress)
+                          batch_size=args.batch_size, progress=not args.no_progress)
     report.info.update({"weights": str(target), "data": data, "split": args.split,
                         "radii": radii, "radius_unit": unit})
     print(f"{target} on {data} ({args.split}, {len(y)} images):")
