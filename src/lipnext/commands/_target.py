@@ -104,51 +104,60 @@ def _run_config(run: Path) -> Any:
                          f"({str(e).splitlines()[0]}); give --data SPEC and --radii") from None
 
 
-def _run_data(run: Path, cfg: Any) -> dict[str, Any]:
-    """The data record of the run: from its run.json, else (lipnext <= 0.1.0) rebuilt from its
-    config.yaml (without the data's sha256)."""
+def _run_data(run: Path) -> dict[str, Any] | None:
+    """The data record in the run's run.json (None for a run of lipnext 0.1.0)."""
     import json
 
+    record = run / "run.json"
+    return json.loads(record.read_text()).get("data") if record.is_file() else None
+
+
+def _legacy_data(cfg: Any) -> dict[str, Any]:
+    """A data record rebuilt from a run's config.yaml (no sha256; the data's size is read)."""
     from ..config import dataset_options
     from ..data import get_dataset, split_options
     from ..provenance import split_indices_sha256, split_sets
 
-    record = run / "run.json"
-    if record.is_file():
-        data = json.loads(record.read_text()).get("data")
-        if data:
-            return data
     d = cfg.data
     holdout, val_fraction = split_options(d.name, d.holdout, d.val_fraction)
     opts = {k: v for k, v in dataset_options(cfg).items() if k not in ("holdout", "val_fraction")}
     pool = len(get_dataset(d.name, "train", **({"holdout": 0} if holdout is not None else {}),
                            val_fraction=0.0, **opts))
-    sets = split_sets(pool, holdout, val_fraction)
-    return {"spec": d.name, "path": None, "sha256": None, "holdout": holdout, "val_fraction": val_fraction,
-            "pool": pool, "test_pool": None, "split_indices_sha256": split_indices_sha256(sets)}
+    return {"spec": d.name, "sha256": None, "holdout": holdout, "val_fraction": val_fraction, "pool": pool,
+            "test_pool": None, "split_indices_sha256": split_indices_sha256(split_sets(pool, holdout, val_fraction))}
 
 
-def _check_split(run: Path, data: dict[str, Any], spec: str, from_run: bool, split: str,
-                 holdout: int | None, val_fraction: float | None) -> None:
-    """Refuse a val or test split that holds images the run trained on (same data, another cut)."""
+def _same_path(a: str, b: str) -> bool:
+    """Whether two dataset specs name the same data by kind and (resolved) path."""
     import os
 
-    from ..data import parse_spec, split_options
+    from ..data import parse_spec
+
+    (ka, pa), (kb, pb) = parse_spec(a), parse_spec(b)
+    return ka == kb and (os.path.realpath(pa) if pa else "") == (os.path.realpath(pb) if pb else "")
+
+
+def _check_split(run: Path, cfg: Any, data: dict[str, Any] | None, spec: str, from_run: bool, split: str,
+                 holdout: int | None, val_fraction: float | None) -> None:
+    """Refuse a val or test split that holds images the run trained on (same data, another cut)."""
+    from ..data import split_options
     from ..provenance import data_sha256, split_overlap
 
     if split == "train":
         return
-    sha = data_sha256(spec)[0] if data.get("sha256") else None
-    if from_run and sha is not None and sha != data["sha256"]:
-        raise ValueError(f"the data at {spec} is not the data {run} was trained on (its sha256 "
-                         f"changed since the run): give --data SPEC to certify on it anyway")
-    kind, path = parse_spec(spec)
-    run_kind, run_path = parse_spec(data["spec"])
-    same = (sha == data["sha256"] if sha is not None else
-            from_run or (kind, os.path.realpath(path) if path else "") ==
-            (run_kind, os.path.realpath(run_path) if run_path else ""))
-    if not same:
-        return
+    if data is None or data.get("sha256") is None:        # a run of lipnext 0.1.0: by name
+        if not (from_run or _same_path(spec, cfg.data.name)):
+            return
+        data = _legacy_data(cfg)
+    else:
+        sha = data_sha256(spec)[0]
+        if sha is None:                                   # no data there: get_dataset says so
+            return
+        if from_run and sha != data["sha256"]:
+            raise ValueError(f"the data at {spec} is not the data {run} was trained on (its sha256 "
+                             f"changed since the run): give --data SPEC to certify on it anyway")
+        if sha != data["sha256"]:
+            return
     h, vf = split_options(spec, holdout, val_fraction)
     n = split_overlap(data, split, h, vf)
     if n:
@@ -166,7 +175,7 @@ def load_target(args: argparse.Namespace, verb: str) -> Target:
     (and run.json), after checking the command line; refuse a split that overlaps the run's
     training images."""
     from ..config import dataset_options
-    from ..data import get_dataset
+    from ..data import get_dataset, parse_spec
     from ..io import load_model
     from ..provenance import record_data_spec
 
@@ -177,12 +186,12 @@ def load_target(args: argparse.Namespace, verb: str) -> Target:
     data, opts, radii, unit = args.data, {}, args.radii, args.radius_unit
     run = run_folder(path)
     cfg = _run_config(run) if run is not None else None
-    run_data = _run_data(run, cfg) if cfg is not None else None
+    run_data = _run_data(run) if run is not None else None
     from_run = data is None and cfg is not None
     if from_run:
         data = cfg.data.name
-        moved = record_data_spec(run_data, run) if run_data.get("path") else None
-        if moved is not None and not Path(parse_path(data)).exists() and Path(parse_path(moved)).exists():
+        moved = record_data_spec(run_data, run) if run_data and run_data.get("path") else None
+        if moved and not Path(parse_spec(data)[1]).exists() and Path(parse_spec(moved)[1]).exists():
             data = moved                      # the run folder moved: its recorded path still leads there
         opts = dataset_options(cfg)
     if cfg is not None:
@@ -194,8 +203,8 @@ def load_target(args: argparse.Namespace, verb: str) -> Target:
         opts["holdout"] = args.holdout
     if args.val_fraction is not None:
         opts["val_fraction"] = args.val_fraction
-    if run_data is not None:
-        _check_split(run, run_data, data, from_run, args.split, opts.get("holdout"), opts.get("val_fraction"))
+    if cfg is not None:
+        _check_split(run, cfg, run_data, data, from_run, args.split, opts.get("holdout"), opts.get("val_fraction"))
     if run == path and not (path / "model.safetensors").exists():
         ckpts = sorted((path / "checkpoints").glob("step_*"))
         raise FileNotFoundError(f"{path} has no model.safetensors: the run has not finished"
@@ -206,10 +215,3 @@ def load_target(args: argparse.Namespace, verb: str) -> Target:
         raise ValueError(f"the model has {model.num_classes} classes, the data {ds.num_classes}")
     return Target(path, model, ds, data, radii or list(DEFAULT_RADII),
                   unit if unit is not None else DEFAULT_UNIT)
-
-
-def parse_path(spec: str) -> str:
-    """The path part of a dataset spec ('' for digits)."""
-    from ..data import parse_spec
-
-    return parse_spec(spec)[1]

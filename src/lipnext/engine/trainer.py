@@ -138,6 +138,7 @@ class Trainer:
         self._build_step(loss_hook)
         self._build_plan()
         resume_step = self._resume()
+        barrier(info)                 # every rank has checked the folder before rank 0 writes in it
         self._build_log(resume_step)
 
     # ---------------------------------------------------------------- build steps
@@ -317,7 +318,6 @@ class Trainer:
         self.rollbacks, self.elapsed, self.lipschitz = state["rollbacks"], state["elapsed_s"], state["lipschitz"]
         # the times of the sessions before this one (checkpoints of lipnext <= 0.1.0: the loop's)
         self._prior = {"wall_s": state.get("wall_s", self.elapsed), "cpu_s": state.get("cpu_s", 0.0)}
-        self._wall0, self._cpu0 = time.perf_counter(), time.process_time()
         self._saved_at = self.step
         return self.step
 
@@ -402,10 +402,10 @@ class Trainer:
         if ckpt is None:
             raise TrainingDiverged(f"{msg} and no checkpoint to roll back to")
         rollbacks, lr_scale = self.rollbacks, self.lr_scale * 0.5
-        prior, wall0, cpu0 = self._prior, self._wall0, self._cpu0     # a rollback is no new session
+        prior = self._prior                          # a rollback is no new session
         self._load(ckpt)
         self.rollbacks, self.lr_scale = rollbacks, lr_scale
-        self._prior, self._wall0, self._cpu0, self._saved_at = prior, wall0, cpu0, None
+        self._prior, self._saved_at = prior, None
         self.log.rewind(self.step)
         self.log.log({"kind": "rollback", "step": self.step, "at_step": step, "lr_scale": lr_scale,
                       "rollbacks": rollbacks})
@@ -652,7 +652,7 @@ class Trainer:
             if split is None:
                 results = {**results, "certified": False, "provenance": prov}
                 failed += self._write("results.json", lambda p: write_json(results, p))
-                self.log.log({"kind": "final", "step": self.step, "split": None})
+                failed += self._log_final({"kind": "final", "step": self.step, "split": None})
                 print(f"no test split was certified (certify.split={cfg.certify.split}); the weights "
                       f"are in {self.run_dir}. Certify them on held-out data with:\n"
                       f"  lipnext certify {self.run_dir} --data SPEC   (e.g. --data npz:test.npz)")
@@ -663,8 +663,8 @@ class Trainer:
                 print(format_table(results))
                 failed += self._write("results.json", lambda p: write_json(results, p))
                 self._plot(cert, split)
-                self.log.log({"kind": "final", "step": self.step, **{k: results[k] for k in
-                              ("clean_accuracy", "cra", "lipschitz_bound", "split", "n")}})
+                failed += self._log_final({"kind": "final", "step": self.step, **{k: results[k] for k in
+                                           ("clean_accuracy", "cra", "lipschitz_bound", "split", "n")}})
             unwritten = [name for name, _, _ in failed] + unsaved
             extra = {"not_written": unwritten} if unwritten else {}
             failed += self._write(RUN_RECORD, lambda p: self._write_record(
@@ -693,6 +693,16 @@ class Trainer:
             return [(name, why, rescue / name)]
         except OSError:
             return [(name, why, None)]
+
+    def _log_final(self, record: dict[str, Any]) -> list[tuple[str, str, Path | None]]:
+        """The last metrics line; [] or [("metrics.jsonl", why, None)] when it cannot be written."""
+        try:
+            self.log.log(record)
+            return []
+        except OSError as e:
+            if isinstance(e, BrokenPipeError):
+                raise
+            return [("metrics.jsonl", getattr(e, "reason", None) or e.strerror or str(e), None)]
 
     def _not_saved(self, failed: list[tuple[str, str, Path | None]], unsaved: list[str]) -> OSError:
         """One error saying what could not be written in the run folder, and where it went instead."""
