@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 EXTRAS ?= demo,log,test,bench
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-quick bench clean
+.PHONY: install demo shell test test-quick bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,15 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# --overwrite: `make demo` again replaces runs/demo (it says so); lipnext lives in $(VENV)
 demo: $(STAMP)
-	$(BIN)/lipnext demo
+	$(BIN)/lipnext demo --overwrite
+	@echo "lipnext is installed in $(VENV): run '. $(VENV)/bin/activate' (or 'make shell') to put it on PATH, or call $(BIN)/lipnext"
+
+# a shell with $(VENV) active: lipnext on PATH
+shell: $(STAMP)
+	@echo "lipnext is on PATH in this shell ($(VENV) active); 'exit' leaves it"
+	@. $(BIN)/activate && exec $${SHELL:-/bin/sh}
 
 # everything CI can run; prints each test of the slow and distributed groups and the 15 slowest
 test: $(STAMP)

@@ -38,7 +38,7 @@ def test_train_then_certify(tmp_path, capsys):
     # a checkpoint folder and a weights file certify too, on explicit data
     ckpt = next((run / "checkpoints").iterdir())
     assert main(["certify", str(ckpt), "--data", "digits", "--limit", "50"]) == 0
-    assert main(["certify", str(run / "model.safetensors"), "--data", "digits", "--split", "val",
+    assert main(["certify", str(run / "model.safetensors"), "--data", "digits", "--split", "test",
                  "--plot", str(tmp_path / "p.png")]) == 0
     assert (tmp_path / "p.png").is_file()
 
@@ -147,7 +147,12 @@ def test_train_on_all_the_data_then_certify_elsewhere(tmp_path, capsys):
     assert main(["train", "--run-dir", str(run), "data.holdout=0", "data.val_fraction=0", *SMALL]) == 0
     out = capsys.readouterr().out
     assert "no test split was certified" in out and f"lipnext certify {run} --data SPEC" in out
-    assert main(["certify", str(run), "--data", "digits", "--holdout", "300"]) == 0
+    # the same digits cut another way are training images: refused
+    assert main(["certify", str(run), "--data", "digits", "--holdout", "300"]) == 2
+    assert "300 images of this test split (holdout 300, val_fraction 0.1) are images" in capsys.readouterr().err
+    rng = np.random.default_rng(0)                      # other images: certified
+    np.savez(tmp_path / "other.npz", x=rng.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8), y=np.arange(40) % 10)
+    assert main(["certify", str(run), "--data", str(tmp_path / "other.npz"), "--holdout", "30"]) == 0
     assert "clean accuracy" in capsys.readouterr().out
 
 

@@ -58,7 +58,7 @@ def test_npz_errors(tmp_path):
         get_dataset(str(tmp_path / "missing.npz"))
     bad = tmp_path / "bad.npz"
     bad.write_text("not a zip")
-    with pytest.raises(ValueError, match="not a readable .npz"):
+    with pytest.raises(ValueError, match=r"not a valid .npz file \(not a zip archive\)"):
         get_dataset(str(bad))
     p, _ = _npz(tmp_path / "noy.npz")
     np.savez(p, x=np.zeros((4, 8, 8, 3), np.uint8))

@@ -115,6 +115,8 @@ def _config_set(**items):
 
 
 def _rewrite(src, dst, meta_fn=None, tensor_fn=None):
+    """A copy of ``src`` with edited metadata or tensors; edited tensors get their own sha256
+    (as if saved so, e.g. NaN weights of a diverged run)."""
     with safe_open(str(src), framework="pt") as fh:
         meta = dict(fh.metadata())
         tensors = {k: fh.get_tensor(k) for k in fh.keys()}
@@ -122,6 +124,7 @@ def _rewrite(src, dst, meta_fn=None, tensor_fn=None):
         meta_fn(meta)
     if tensor_fn:
         tensor_fn(tensors)
+        meta["tensors_sha256"] = lipnext.io.tensors_sha256(tensors)
     save_file(tensors, str(dst), metadata=meta)
     return dst
 

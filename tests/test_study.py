@@ -122,17 +122,17 @@ def test_study_runs_end_to_end_and_resumes_after_kill(tmp_path):
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)      # mid-run: the second cell has a checkpoint, no result
     proc.wait()
-    assert (first / "run.json").is_file() and not (second / "run.json").exists()
-    done_before = (first / "run.json").read_text()
-    mtime = (first / "run.json").stat().st_mtime_ns
+    assert (first / "study_record.json").is_file() and not (second / "study_record.json").exists()
+    done_before = (first / "study_record.json").read_text()
+    mtime = (first / "study_record.json").stat().st_mtime_ns
 
     proc = _study(path)
     log, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, log
     assert "[1/2] eps_end=1.0 seed 0: done, skipped" in log
     assert "[2/2] eps_end=2.0 seed 0: resuming from step_" in log
-    assert (first / "run.json").stat().st_mtime_ns == mtime and (first / "run.json").read_text() == done_before
-    rec = json.loads((second / "run.json").read_text())
+    assert (first / "study_record.json").stat().st_mtime_ns == mtime and (first / "study_record.json").read_text() == done_before
+    rec = json.loads((second / "study_record.json").read_text())
     assert rec["resumed_from"].startswith("step_") and rec["n"] == 360
     assert rec["params"] == 16 * 16 + 2 * (2 * 16 * 16 + 16 + 16) + 10 * 16 + 10   # stem, blocks, head
     assert not (second / "checkpoints").exists()          # removed once the run is final

@@ -8,6 +8,7 @@ by ``certify.radius_unit``, 255 by default).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -20,7 +21,7 @@ from .options import RULES, SPLITS
 
 __all__ = ["Config", "DataConfig", "AugmentConfig", "ModelConfig", "OptimConfig", "LossConfig",
            "TrainConfig", "CertifyConfig", "DistConfig", "load_config", "to_yaml", "config_from_dict",
-           "dataset_options", "warmup_epochs", "resolve_config_path", "packaged_configs"]
+           "dataset_options", "warmup_epochs", "resolve_config_path", "packaged_configs", "check_image_size"]
 
 
 @dataclass
@@ -131,6 +132,7 @@ class DistConfig:
 class Config:
     run_dir: str = "runs/default"
     resume: bool = False                 # continue from the last checkpoint in run_dir
+    overwrite: bool = False              # replace the run in a non-empty run_dir (docs/TRAINING.md)
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -157,14 +159,85 @@ def _choices() -> dict[str, tuple[str, ...]]:
             "optim.precision": PRECISIONS}
 
 
+# key -> (lowest value, whether the lowest is allowed); None (where the schema allows it) passes
+_BOUNDS = {"train.epochs": (1, True), "train.batch_size": (1, True), "certify.batch_size": (1, True),
+           "loss.eps_255": (0, True), "loss.eps_start": (0, True), "loss.eps_end": (0, True),
+           "loss.lipschitz_every": (1, True), "train.log_every": (1, True), "train.eval_every": (0, True),
+           "train.eval_max": (1, True), "train.checkpoint_every": (0, True),
+           "train.checkpoint_every_steps": (0, True), "train.keep_last": (0, True),
+           "train.max_rollbacks": (0, True), "train.stop_at_step": (0, True),
+           "augment.crop_padding": (0, True), "augment.cutout": (0, True),
+           "optim.weight_decay": (0, True), "optim.orthogonal_lr_scale": (0, False),
+           "optim.lookahead_k": (0, True), "optim.lookahead_alpha": (0, False), "optim.grad_clip": (0, True),
+           "data.holdout": (0, True), "data.val_fraction": (0, True), "data.num_classes": (2, True),
+           "data.image_size": (1, True), "data.num_workers": (0, True)}
+# key -> (highest value, whether the highest is allowed)
+_UPPER = {"data.val_fraction": (1, False), "loss.eps_ramp": (1, True), "optim.lookahead_alpha": (1, True)}
+
+
+def _check_numbers(cfg: Config) -> None:
+    """Every numeric key: finite, and inside its range (_BOUNDS, _UPPER)."""
+    for key in sorted({*_BOUNDS, *_UPPER, "loss.eps_ramp"}):
+        value = OmegaConf.select(cfg, key)
+        if value is None:
+            continue
+        low, low_ok = _BOUNDS.get(key, (0, True))
+        high, high_ok = _UPPER.get(key, (math.inf, False))
+        if not (math.isfinite(value) and (value >= low if low_ok else value > low)
+                and (value <= high if high_ok else value < high)):
+            rng = (f"{'[' if low_ok else '('}{low:g}, {high:g}{']' if high_ok else ')'}" if high < math.inf
+                   else f"{'>=' if low_ok else '>'} {low:g}")
+            raise ValueError(f"config {key}={value!r}: must be {'in ' if high < math.inf else ''}{rng}")
+    betas = list(cfg.optim.betas)
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ValueError(f"config optim.betas={betas}: must be two values in [0, 1), e.g. [0.9, 0.999]")
+    radii = list(cfg.certify.radii)
+    if not radii or not all(math.isfinite(r) and r >= 0 for r in radii):
+        raise ValueError(f"config certify.radii={radii}: must be a non-empty list of radii >= 0 "
+                         "(in units of 1/certify.radius_unit), e.g. [36, 72]")
+
+
+def _check_names(cfg: Config) -> None:
+    """The model name is registered and the dataset specs parse (cheap: nothing is loaded)."""
+    from .data import parse_spec
+    from .models import model_entry
+
+    try:
+        model_entry(cfg.model.name)
+    except KeyError as e:
+        raise ValueError(f"config model.name: {e.args[0]}") from None
+    for key in ("data.name", "data.generated"):
+        spec = OmegaConf.select(cfg, key)
+        if spec is not None:
+            try:
+                parse_spec(spec)
+            except ValueError as e:
+                raise ValueError(f"config {key}: {e}") from None
+
+
+def check_image_size(cfg: Config, image_size: tuple[int, int]) -> None:
+    """The augmentation fits images of ``image_size`` (H, W): cutout smaller than the image
+    (else every image is blanked and the model stays at chance), reflect padding smaller
+    than the image (torch's reflect padding needs it)."""
+    a, side = cfg.augment, min(image_size)
+    if a.cutout >= side:
+        raise ValueError(f"augment.cutout={a.cutout} covers the whole {image_size[0]}x{image_size[1]} "
+                         f"image: every training image would be blanked; use a square smaller than "
+                         f"the image (e.g. augment.cutout={side // 2}) or 0 (off)")
+    if a.pad_mode == "reflect" and a.crop_padding >= side:
+        raise ValueError(f"augment.crop_padding={a.crop_padding} with pad_mode=reflect needs images "
+                         f"larger than the padding, these are {image_size[0]}x{image_size[1]}; lower "
+                         "it or set augment.pad_mode=zeros")
+
+
 def _check(cfg: Config) -> Config:
     cfg.train.compile = str(cfg.train.compile).lower()     # true/false may arrive as YAML booleans
     for key, choices in _choices().items():
         value = OmegaConf.select(cfg, key)
         if value not in choices:
             raise ValueError(f"config {key}={value!r}: choose one of {', '.join(choices)}")
-    if cfg.train.epochs < 1 or cfg.train.batch_size < 1:
-        raise ValueError("train.epochs and train.batch_size must be >= 1")
+    _check_numbers(cfg)
+    _check_names(cfg)
     if not 0 <= cfg.data.generated_fraction < 1:
         raise ValueError(f"data.generated_fraction must lie in [0, 1), got {cfg.data.generated_fraction}")
     if cfg.data.generated_fraction > 0 and not cfg.data.generated:
@@ -179,9 +252,7 @@ def _check(cfg: Config) -> Config:
         raise ValueError(f"loss.temperature must be > 0, got {cfg.loss.temperature}")
     if cfg.optim.chunk_size is not None and cfg.optim.chunk_size < 1:
         raise ValueError(f"optim.chunk_size must be >= 1 or null, got {cfg.optim.chunk_size}")
-    if cfg.loss.lipschitz_every < 1 or cfg.train.log_every < 1:
-        raise ValueError("loss.lipschitz_every and train.log_every must be >= 1")
-    if not cfg.optim.lr > 0 or cfg.optim.min_lr < 0:
+    if not (math.isfinite(cfg.optim.lr) and cfg.optim.lr > 0) or not 0 <= cfg.optim.min_lr < math.inf:
         raise ValueError(f"optim.lr must be > 0 and optim.min_lr >= 0, got {cfg.optim.lr:g} and "
                          f"{cfg.optim.min_lr:g}")
     if cfg.train.time_limit_min is not None and not cfg.train.time_limit_min > 0:
@@ -218,8 +289,10 @@ def _merge(*parts) -> Config:
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
         where = f" [{key}]" if key else ""
-        raise ValueError(f"bad config: {str(e).splitlines()[0]}{where} "
-                         "(see configs/*.yaml and docs/TRAINING.md for the keys)") from None
+        hint = ("values are YAML: quote text that ends in a colon or holds ': ', e.g. data.name='npz:x.npz'"
+                if "Cannot convert 'DictConfig'" in str(e) else
+                "see configs/*.yaml and docs/TRAINING.md for the keys")
+        raise ValueError(f"bad config: {str(e).splitlines()[0]}{where} ({hint})") from None
     return _check(merged)  # type: ignore[arg-type]
 
 
@@ -252,9 +325,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = resolve_config_path(path)
         try:
-            parts.append(OmegaConf.load(path))
-        except Exception as e:  # YAML syntax errors
-            raise ValueError(f"cannot read config {path}: {e}") from None
+            loaded = OmegaConf.load(path)
+        except (yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError) as e:  # YAML syntax errors
+            raise ValueError(f"cannot read config {path}: {' '.join(str(e).split())}") from None
+        if not isinstance(loaded, DictConfig):
+            raise ValueError(f"config {path} must be a YAML mapping of keys (e.g. 'train: {{epochs: 3}}'), "
+                             f"it holds a {type(loaded).__name__.replace('Config', '').lower()}")
+        parts.append(loaded)
     for o in overrides or []:
         if "=" not in o:
             raise ValueError(f"override {o!r} must look like key=value (e.g. train.epochs=3)")

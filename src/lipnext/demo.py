@@ -34,6 +34,7 @@ class DemoConfig:
     seed: int = 0
     out: str = "runs/demo"
     threads: int | None = 1      # torch CPU threads; 1: the figures repeat bit for bit on a machine
+    overwrite: bool = False      # replace a previous run in ``out`` (else a non-empty ``out`` is refused)
 
 
 def demo_config(cfg: DemoConfig, progress: bool = True) -> Config:
@@ -42,7 +43,8 @@ def demo_config(cfg: DemoConfig, progress: bool = True) -> Config:
 
     return load_config(None, DEMO_RECIPE + [
         f"model.name={cfg.model}", f"train.epochs={cfg.epochs}", f"train.seed={cfg.seed}",
-        f"run_dir={cfg.out}", f"train.progress={str(progress).lower()}"])
+        f"run_dir={cfg.out}", f"train.progress={str(progress).lower()}",
+        f"overwrite={str(cfg.overwrite).lower()}"])
 
 
 def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:

@@ -1,13 +1,18 @@
 """Saving and loading models: safetensors weights with the JSON config in the metadata.
 
 One file, no pickle: the header's metadata holds ``{"format": "lipnext", "arch": ...,
-"config": <json>, "version": ...}``; loading rebuilds the architecture from the config
-and loads the tensors strictly. Writes are atomic (temporary file + os.replace).
+"config": <json>, "format_version": ..., "tensors_sha256": ...}``; loading rebuilds the
+architecture from the config, checks the tensors against ``tensors_sha256`` (see
+:func:`tensors_sha256`; files written before it existed load without the check) and loads
+them strictly. Writes are atomic (temporary file + os.replace).
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -18,7 +23,8 @@ from safetensors.torch import load_file, save_file
 from .models.base import CertifiableModel
 from .models.registry import build_from_config
 
-__all__ = ["save_model", "load_model", "atomic_write", "file_mode", "WEIGHTS_NAME", "FORMAT_VERSION"]
+__all__ = ["save_model", "load_model", "atomic_write", "file_mode", "tensors_sha256", "check_tensors",
+           "WEIGHTS_NAME", "FORMAT_VERSION"]
 
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = "1"
@@ -33,10 +39,17 @@ def file_mode() -> int:
 
 def atomic_write(path: str | os.PathLike, write) -> Path:
     """Call ``write(tmp_path)`` then atomically rename tmp_path to ``path``. The file gets the
-    mode of any newly created file (0666 minus the umask), not mkstemp's private 0600."""
+    mode of any newly created file (0666 minus the umask), not mkstemp's private 0600.
+
+    On any failure the temporary file is removed and ``path`` is left as it was; a
+    filesystem error (full disk, read-only folder, ...) is re-raised as an ``OSError`` of
+    the same errno whose message names ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise write_error(e, path) from None
     os.close(fd)
     try:
         write(tmp)
@@ -44,11 +57,60 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and not isinstance(e, BrokenPipeError):
+            raise write_error(e, path) from None
         raise
     return path
+
+
+def write_error(e: OSError, path: str | os.PathLike) -> OSError:
+    """``e`` as an OSError of the same errno (and subclass) whose message names ``path``:
+    "cannot write PATH: REASON" (REASON kept from an inner write_error)."""
+    reason = getattr(e, "reason", None) or e.strerror or str(e)
+    what = f"cannot write {path}: {reason}"
+    err = OSError(e.errno, what) if e.errno is not None else OSError(what)
+    err.reason = reason
+    return err
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                      metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file``, its I/O errors (a full disk) raised as ``OSError``."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:              # the Rust writer reports "... (os error 28)"
+        code = re.search(r"os error (\d+)", str(e))
+        raise (OSError(int(code.group(1)), os.strerror(int(code.group(1)))) if code
+               else OSError(errno.EIO, str(e))) from None
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """The sha256 hex digest of a set of named tensors, independent of the file format.
+
+    Recipe: for each name in sorted order, feed ``name``, ``str(dtype)`` (e.g. ``torch.float32``)
+    and the shape as comma-separated sizes (``"3,8,8"``; ``""`` for a scalar), each followed by
+    a NUL byte, then the tensor's raw bytes (contiguous, on the CPU, in the machine's byte
+    order: little-endian, as safetensors stores them)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        for part in (name, str(t.dtype), ",".join(str(s) for s in t.shape)):
+            h.update(part.encode() + b"\0")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: str | os.PathLike) -> None:
+    """Refuse tensors whose :func:`tensors_sha256` differs from the one recorded in ``meta``
+    when ``path`` was saved (a file without the record, from an older lipnext, passes)."""
+    want = meta.get("tensors_sha256")
+    if want is not None and tensors_sha256(tensors) != want:
+        raise ValueError(f"{path} is damaged: its tensors' sha256 does not match the one recorded "
+                         "when it was saved (the file was altered or corrupted on disk); use "
+                         "another copy or an earlier checkpoint")
 
 
 def _weights_path(path: str | os.PathLike) -> Path:
@@ -66,8 +128,8 @@ def save_model(model: CertifiableModel, path: str | os.PathLike,
     state_dict = model.state_dict() if state_dict is None else state_dict
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items() if v is not None}
     meta = {"format": "lipnext", "format_version": FORMAT_VERSION, "arch": model.arch,
-            "config": json.dumps(model.config())}
-    return atomic_write(target, lambda tmp: save_file(tensors, tmp, metadata=meta))
+            "config": json.dumps(model.config()), "tensors_sha256": tensors_sha256(tensors)}
+    return atomic_write(target, lambda tmp: write_safetensors(tensors, tmp, meta))
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -93,7 +155,8 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> CertifiableModel:
-    """Rebuild a model saved by :func:`save_model` (a file or a run folder), in eval mode."""
+    """Rebuild a model saved by :func:`save_model` (a file or a run folder), in eval mode, after
+    checking its tensors' sha256; read on the CPU, then moved to ``device``."""
     target = _weights_path(path)
     meta = read_metadata(target)
     try:
@@ -111,9 +174,10 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> C
         raise ValueError(f"{target} was saved by another lipnext version or model: its {arch} "
                          f"config does not fit this version ({type(e).__name__}: {e})") from None
     try:
-        state = load_file(str(target), device=str(device))
+        state = load_file(str(target))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise ValueError(f"{target} is damaged: its tensors cannot be read ({e})") from None
+    check_tensors(state, meta, target)
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise ValueError(f"{target} holds NaN or Inf values in {bad[:5]}: the file is damaged or "

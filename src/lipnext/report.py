@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -52,12 +53,19 @@ def plot_certified_accuracy(cert: Certificate, path: str | Path, title: str = ""
     ax.plot(grid.numpy(), acc, lw=2)
     labels = list(mark_labels) if mark_labels is not None else [f"{e:g}" for e in marks]
     for e, label in zip(marks, labels):
+        cra = cert.cra(float(e))
         ax.axvline(e, color="grey", ls=":", lw=1)
-        ax.annotate(f"{label}: {100 * cert.cra(float(e)):.1f}%", (e, 0.98), rotation=90,
-                    ha="right", va="top", fontsize=7, color="dimgrey")
+        ax.plot([e], [cra], "o", ms=3, color="dimgrey")
+        # the curve never falls to the upper right of (e, CRA), nor rises to its lower left:
+        # the label goes there (lower left near the top or the right edge)
+        high = cra > 0.85 or (e > 0.7 * top and cra > 0.15)
+        ax.annotate(f"{label}: {100 * cra:.1f}%", (e, cra), xytext=(-3, -3) if high else (3, 3),
+                    textcoords="offset points", ha="right" if high else "left",
+                    va="top" if high else "bottom", fontsize=7, color="dimgrey",
+                    bbox={"boxstyle": "square,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.8})
     ax.set(xlabel="L2 radius eps", ylabel="certified accuracy", ylim=(0, 1), xlim=(0, top))
-    ax.set_title(f"{title}\nL = {cert.lipschitz:.4f}, rule {cert.rule}" if title else
-                 f"certified accuracy (L = {cert.lipschitz:.4f}, {cert.rule})", fontsize=9)
+    head = textwrap.fill(title, 60) if title else "certified accuracy"
+    ax.set_title(f"{head}\nL = {cert.lipschitz:.4f}, rule {cert.rule}", fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(path)

@@ -3,7 +3,11 @@
 Each (cell, seed) is one ordinary training run through ``lipnext.engine.train`` in
 ``<out>/<cell>/seed<k>/``, with ``resume=true`` and checkpoints on, so a study that was
 stopped (killed, a full disk, the end of a session) continues where it was: a run with a
-``run.json`` is finished and skipped, a run with a checkpoint resumes from it. The summary
+``study_record.json`` is finished and skipped, a run with a checkpoint resumes from it.
+Every cell is checked when the study file is loaded (its config, and against its data: the
+model builds, the augmentation fits the images), so a bad grid value fails before the first
+run, ``--dry-run`` included. Each run's folder is locked while it runs (``lipnext.runlock``):
+two processes never run the same run. The summary
 is one table (``study.md``, ``study.csv``, ``study.json``) and one plot (``study.png``):
 for each cell the mean and the spread over seeds of clean accuracy, certified robust
 accuracy at each radius, training time, and the parameter count.
@@ -37,15 +41,17 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 
-from .config import Config, config_from_dict, load_config
+from .config import Config, check_image_size, config_from_dict, dataset_options, load_config
 from .io import atomic_write
 from .report import write_json
+from .runlock import run_lock
 
 __all__ = ["Cell", "Study", "load_study", "run_study", "collect", "summarize", "format_markdown",
            "write_outputs"]
 
-RUN_FILE = "run.json"        # a finished run's record (the marker that it is finished)
-FAILED_FILE = "failed.json"  # a run that diverged (skipped on a rerun; delete it to retry)
+RUN_FILE = "study_record.json"  # a finished run's record in the study (the marker that it is finished)
+LEGACY_RUN_FILE = "run.json"    # the same, as lipnext <= 0.1.0 wrote it (holds "cell"; read only)
+FAILED_FILE = "failed.json"     # a run that diverged (skipped on a rerun; delete it to retry)
 _KEYS = {"name", "description", "base", "out", "seeds", "overrides", "grid", "cells"}
 
 
@@ -161,9 +167,60 @@ def load_study(path: str | Path, extra: list[str] | None = None) -> Study:
     study = Study(name, base, Path(spec.get("out") or f"runs/studies/{_slug(name)}"), seeds,
                   _overrides(spec.get("overrides"), "overrides"), cells,
                   str(spec.get("description") or ""), list(extra or []))
+    checked: set[str] = set()
+    datasets: dict[str, Any] = {}
     for cell, seed in study.runs():   # every config is valid before anything runs
-        study.config(cell, seed)
+        cfg = study.config(cell, seed)
+        key = json.dumps({k: v for k, v in OmegaConf.to_container(cfg).items() if k not in ("run_dir", "train")})
+        if key not in checked:
+            checked.add(key)
+            try:
+                check_runnable(cfg, datasets)
+            except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
+                msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+                raise type(e)(f"study {path}, cell {cell.name}: {msg}") from None
     return study
+
+
+def check_runnable(cfg: Config, datasets: dict[str, Any] | None = None) -> None:
+    """What a run checks when it starts, without training: the data opens, the augmentation
+    fits its images, the model builds for them (on the meta device: nothing is allocated).
+    ``datasets`` caches the training splits across calls."""
+    import torch
+
+    from .data import get_dataset
+    from .models import create_model
+
+    datasets = {} if datasets is None else datasets
+    key = json.dumps([cfg.data.name, dataset_options(cfg)], sort_keys=True)
+    if key not in datasets:
+        datasets[key] = get_dataset(cfg.data.name, "train", **dataset_options(cfg))
+    ds = datasets[key]
+    check_image_size(cfg, ds.image_size)
+    kwargs = dict(OmegaConf.to_container(cfg.model.kwargs))
+    kwargs.setdefault("mean", list(ds.mean))
+    with torch.device("meta"):
+        create_model(cfg.model.name, num_classes=ds.num_classes, in_chans=ds.in_chans,
+                     image_size=ds.image_size, **kwargs)
+
+
+def run_state(run_dir: Path) -> str:
+    """finished | diverged | started | to do."""
+    if record(run_dir) is not None:
+        return "finished"
+    if (run_dir / FAILED_FILE).is_file():
+        return "diverged"
+    return "started" if run_dir.exists() else "to do"
+
+
+def record(run_dir: Path) -> dict[str, Any] | None:
+    """A finished run's study record (also as lipnext <= 0.1.0 wrote it), else None."""
+    if (run_dir / RUN_FILE).is_file():
+        return json.loads((run_dir / RUN_FILE).read_text())
+    legacy = run_dir / LEGACY_RUN_FILE
+    if legacy.is_file() and "cell" in (old := json.loads(legacy.read_text())):
+        return old
+    return None
 
 
 def _num_params(run_dir: Path) -> int:
@@ -185,38 +242,44 @@ def _check_same_config(run_dir: Path, cfg: Config) -> None:
 def run_study(study: Study, shard: tuple[int, int] = (0, 1), log=print) -> list[dict[str, Any]]:
     """Run the study's unfinished runs (those of this shard: index % n == i), one after
     the other; return the records of all finished runs."""
-    from .engine import TrainingDiverged, train
-    from .engine.checkpoint import CHECKPOINT_DIR, latest_checkpoint
-
     i, n = shard
     todo = [run for k, run in enumerate(study.runs()) if k % n == i]
     for k, (cell, seed) in enumerate(todo):
         run_dir = study.run_dir(cell, seed)
-        cfg = study.config(cell, seed)
-        _check_same_config(run_dir, cfg)
-        tag = f"[{k + 1}/{len(todo)}] {cell.name} seed {seed}"
-        if (run_dir / RUN_FILE).is_file() or (run_dir / FAILED_FILE).is_file():
-            log(f"{tag}: done, skipped")
-            continue
-        ckpt = latest_checkpoint(run_dir)
-        log(f"{tag}: resuming from {ckpt.name}" if ckpt else f"{tag}: starting")
-        t0 = time.perf_counter()
-        try:
-            results = train(cfg)
-        except TrainingDiverged as e:
-            write_json({"cell": cell.name, "seed": seed, "error": str(e)}, run_dir / FAILED_FILE)
-            log(f"{tag}: diverged ({e}); recorded in {run_dir / FAILED_FILE}")
-            continue
-        record = {"cell": cell.name, "seed": seed, "overrides": cell.overrides,
-                  "clean_accuracy": results["clean_accuracy"], "cra": results["cra"],
-                  "lipschitz_bound": results["lipschitz_bound"], "n": results["n"],
-                  "train_time_s": results["train_time_s"], "params": _num_params(run_dir),
-                  "resumed_from": ckpt.name if ckpt else None,
-                  "wall_s_this_process": round(time.perf_counter() - t0, 1)}
-        write_json(record, run_dir / RUN_FILE)
-        shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)   # the run is final
-        log(f"{tag}: clean {100 * record['clean_accuracy']:.1f}%, train {record['train_time_s']:.0f} s")
+        with run_lock(run_dir, "lipnext study"):
+            _run_one(study, cell, seed, f"[{k + 1}/{len(todo)}] {cell.name} seed {seed}", log)
     return collect(study)
+
+
+def _run_one(study: Study, cell: Cell, seed: int, tag: str, log) -> None:
+    """One run of the study (its folder locked by the caller): skip, resume or start it."""
+    from .engine import TrainingDiverged, train
+    from .engine.checkpoint import CHECKPOINT_DIR, latest_checkpoint
+
+    run_dir = study.run_dir(cell, seed)
+    cfg = study.config(cell, seed)
+    _check_same_config(run_dir, cfg)
+    if run_state(run_dir) in ("finished", "diverged"):
+        log(f"{tag}: done, skipped")
+        return
+    ckpt = latest_checkpoint(run_dir)
+    log(f"{tag}: resuming from {ckpt.name}" if ckpt else f"{tag}: starting")
+    t0 = time.perf_counter()
+    try:
+        results = train(cfg)
+    except TrainingDiverged as e:
+        write_json({"cell": cell.name, "seed": seed, "error": str(e)}, run_dir / FAILED_FILE)
+        log(f"{tag}: diverged ({e}); recorded in {run_dir / FAILED_FILE}")
+        return
+    rec = {"cell": cell.name, "seed": seed, "overrides": cell.overrides,
+           "clean_accuracy": results["clean_accuracy"], "cra": results["cra"],
+           "lipschitz_bound": results["lipschitz_bound"], "n": results["n"],
+           "train_time_s": results["train_time_s"], "params": _num_params(run_dir),
+           "resumed_from": ckpt.name if ckpt else None,
+           "wall_s_this_process": round(time.perf_counter() - t0, 1)}
+    write_json(rec, run_dir / RUN_FILE)
+    shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)   # the run is final
+    log(f"{tag}: clean {100 * rec['clean_accuracy']:.1f}%, train {rec['train_time_s']:.0f} s")
 
 
 def collect(study: Study) -> list[dict[str, Any]]:
@@ -224,8 +287,8 @@ def collect(study: Study) -> list[dict[str, Any]]:
     records = []
     for cell, seed in study.runs():
         d = study.run_dir(cell, seed)
-        if (d / RUN_FILE).is_file():
-            records.append(json.loads((d / RUN_FILE).read_text()))
+        if (rec := record(d)) is not None:
+            records.append(rec)
         elif (d / FAILED_FILE).is_file():
             records.append({"cell": cell.name, "seed": seed, "failed": True})
     return records

@@ -51,9 +51,10 @@ class RaceConfig:
 
 def race_config(name: str, cfg: RaceConfig, run_dir: str | Path) -> Config:
     """The training config of model ``name`` in the race: ``cfg``'s budget, data and optimizer,
-    no checkpoints or validation, the test split certified at ``cfg.eps_list``."""
+    no checkpoints or validation, the test split certified at ``cfg.eps_list``; a rerun
+    replaces the model's run folder (``overwrite``, which the trainer reports)."""
     return config_from_dict({
-        "run_dir": str(run_dir),
+        "run_dir": str(run_dir), "overwrite": True,        # a rerun of the race replaces its runs
         "data": {"name": cfg.data, "holdout": cfg.holdout, "val_fraction": 0.0},
         "model": {"name": name},
         "optim": {"lr": cfg.lr, "grad_clip": cfg.grad_clip, "warmup_epochs": cfg.warmup_fraction * EPOCHS},

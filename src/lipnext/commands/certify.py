@@ -3,8 +3,10 @@ certified accuracy of a saved model on a dataset split, as a table (and JSON / a
 from __future__ import annotations
 
 import argparse
+from contextlib import ExitStack
+from pathlib import Path
 
-from ._target import add_target_arguments, load_target
+from ._target import add_target_arguments, load_target, run_folder
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -19,24 +21,32 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..engine.evaluate import certify_dataset
+    from ..engine.run_folder import RUN_FILES
     from ..engine.trainer import radius_label
     from ..report import format_table, plot_certified_accuracy, results_dict, write_json
+    from ..runlock import run_lock
 
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be >= 1 (leave it out to certify every image), got {args.limit}")
+    outputs = [Path(p) for p in (args.out, args.plot) if p]
+    for opt, p in (("--out", args.out), ("--plot", args.plot)):
+        if p and Path(p).is_dir():
+            raise IsADirectoryError(f"{opt} {p} is a folder; give a file name (e.g. {Path(p) / 'certify.json'})"
+                                    if opt == "--out" else f"{opt} {p} is a folder; give a .png file name")
+        if p and Path(p).name in RUN_FILES and run_folder(Path(p).parent) is not None:
+            raise ValueError(f"{opt} {p} would replace the run's own {Path(p).name}; choose another name")
     t = load_target(args, "certify")
     target, model, ds, data, radii, unit = t.path, t.model, t.dataset, t.data, t.radii, t.unit
-    cert = certify_dataset(model, ds, args.rule, args.batch_size, args.limit)
-    res = results_dict(cert, [r / unit for r in radii], labels=[radius_label(r, unit) for r in radii],
-                       dataset=data, split=args.split, model_path=str(target))
-    print(f"{target} on {data} ({args.split}, {len(cert)} images):")
-    print(format_table(res))
-    if args.out:
-        write_json(res, args.out)
-    if args.plot:
-        plot_certified_accuracy(cert, args.plot, marks=[r / unit for r in radii],
-                                mark_labels=[radius_label(r, unit) for r in radii],
-                                title=f"{target.name} on {data} ({args.split}, {len(cert)} images)")
+    with ExitStack() as locks:             # one writer per folder written to
+        for folder in dict.fromkeys(p.parent for p in outputs):
+            locks.enter_context(run_lock(folder, "lipnext certify"))
+        cert = certify_dataset(model, ds, args.rule, args.batch_size, args.limit)
+        res = results_dict(cert, [r / unit for r in radii], labels=[radius_label(r, unit) for r in radii],
+                           dataset=data, split=args.split, model_path=str(target))
+        print(f"{target} on {data} ({args.split}, {len(cert)} images):")
+        print(format_table(res), flush=True)       # on the terminal before anything is written
+        if args.out:
+            write_json(res, args.out)
+        if args.plot:
+            plot_certified_accuracy(cert, args.plot, marks=[r / unit for r in radii],
+                                    mark_labels=[radius_label(r, unit) for r in radii],
+                                    title=f"{target.name} on {data} ({args.split}, {len(cert)} images)")
     return 0

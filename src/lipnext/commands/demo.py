@@ -18,6 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"torch CPU threads (default {d.threads}: the figures of docs/RESULTS.md repeat "
                         "exactly; another number gives slightly different figures)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     p.set_defaults(func=run)
 
 
@@ -29,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     require("sklearn", "lipnext demo (its digits data)")
     require("matplotlib", "lipnext demo (its plot)")
     cfg = DemoConfig(out=args.out, epochs=args.epochs, model=args.model, seed=args.seed,
-                     threads=args.threads)
+                     threads=args.threads, overwrite=args.overwrite)
     results = run_demo(cfg, progress=not args.quiet)
     print_results(results, cfg.out)
     return 0

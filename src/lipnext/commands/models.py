@@ -14,6 +14,10 @@ def run(args: argparse.Namespace) -> int:
     from ..models import list_models, model_entry
 
     names = list_models(args.pattern)
+    if not names:
+        families = sorted({n.split("_")[0] for n in list_models()})
+        raise ValueError(f"no model name contains {args.pattern!r}; the families are "
+                         f"{', '.join(families)} (`lipnext models` lists every name)")
     width = max((len(n) for n in names), default=0)
     for name in names:
         arch, _, description = model_entry(name)

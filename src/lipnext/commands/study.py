@@ -30,18 +30,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..study import (FAILED_FILE, RUN_FILE, collect, format_markdown, load_study, run_study,
-                         summarize, write_outputs)
-
+    from ..study import collect, format_markdown, load_study, run_state, run_study, summarize, write_outputs
     study = load_study(args.study, args.overrides)
     if args.dry_run:
         for cell, seed in study.runs():
             d = study.run_dir(cell, seed)
-            state = "finished" if (d / RUN_FILE).is_file() else "diverged" if (d / FAILED_FILE).is_file() \
-                else "started" if d.exists() else "to do"
-            print(f"{state:>8}  {d}  {' '.join(cell.overrides)}")
+            print(f"{run_state(d):>8}  {d}  {' '.join(cell.overrides)}")
         return 0
     records = collect(study) if args.report else run_study(study, args.shard)
+    if not records:
+        raise ValueError(f"no run of {args.study} has finished yet (in {study.out}); run "
+                         f"`lipnext study {args.study}` first")
     paths = write_outputs(study, records)
     print(format_markdown(summarize(records, [c.name for c in study.cells])), end="")
     print("written: " + ", ".join(str(p) for p in paths.values()))

@@ -6,6 +6,7 @@ verify.json and verify.md, and exits with 1 when any check fails (2 on a usage e
 from __future__ import annotations
 
 import argparse
+from contextlib import ExitStack
 from pathlib import Path
 
 from ._target import add_target_arguments, load_target
@@ -72,13 +73,10 @@ def parse_budget(text: str) -> tuple[int | None, float | None]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from ..io import atomic_write
-    from ..verify import Budget, verify_model
+    from ..runlock import run_lock
 
     for name in ("steps", "restarts", "ddn_steps", "era_restarts", "lipschitz_steps",
-                 "lipschitz_restarts", "lipschitz_points", "batch_size", "radius_scale", "limit"):
+                 "lipschitz_restarts", "lipschitz_points", "radius_scale"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
     _positive("--attack-points", args.attack_points, allow_zero=True)
     points, seconds = parse_budget(args.budget)
@@ -91,13 +89,32 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--library yes needs torchattacks: pip install --no-deps torchattacks "
                              "(see docs/RELIABILITY.md)")
     _positive("--ortho-tol", args.ortho_tol)
-    t = load_target(args, "verify")
+    target = Path(args.model)
+    if not target.exists():
+        raise FileNotFoundError(f"no run folder or weights at {target}")
+    out = Path(args.out) if args.out else (target if target.is_dir() else target.parent)
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(run_lock(out, "lipnext verify"))
+        except OSError as e:                   # a read-only folder: say so now, not after the checks
+            hint = f"{e.strerror or e}; give --out DIR for verify.json and verify.md"
+            raise (OSError(e.errno, hint) if e.errno is not None else type(e)(hint)) from None
+        return _verify(args, load_target(args, "verify"), out, library, points, seconds)
+
+
+def _verify(args: argparse.Namespace, t, out: Path, library: bool | None, points: int | None,
+            seconds: float | None) -> int:
+    """Run the checks, print the report (on the terminal first), then write verify.json and
+    verify.md into ``out``."""
+    import torch
+
+    from ..io import atomic_write
+    from ..verify import Budget, verify_model
+
     target, model, ds, data, radii, unit = t.path, t.model, t.dataset, t.data, t.radii, t.unit
     x, y = ds.probe(args.limit or len(ds))         # every batch source has probe (streamed too)
     if len(y) == 0:
         raise ValueError(f"the {args.split} split of {data} is empty; choose another split or --holdout")
-    _positive("--radii", min(radii), allow_zero=True)
-    _positive("--radius-unit", unit)
     budget = Budget(pgd_steps=args.steps, pgd_restarts=args.restarts, ddn_steps=args.ddn_steps,
                     era_restarts=args.era_restarts, lipschitz_steps=args.lipschitz_steps,
                     lipschitz_restarts=args.lipschitz_restarts, lipschitz_points=args.lipschitz_points,
@@ -109,10 +126,9 @@ def run(args: argparse.Namespace) -> int:
                           batch_size=args.batch_size, progress=not args.no_progress)
     report.info.update({"weights": str(target), "data": data, "split": args.split,
                         "radii": radii, "radius_unit": unit})
-    out = Path(args.out) if args.out else (target if target.is_dir() else target.parent)
+    print(f"{target} on {data} ({args.split}, {len(y)} images):")
+    print(report.to_markdown(), flush=True)
     atomic_write(out / "verify.json", lambda tmp: Path(tmp).write_text(report.to_json() + "\n"))
     atomic_write(out / "verify.md", lambda tmp: Path(tmp).write_text(report.to_markdown() + "\n"))
-    print(f"{target} on {data} ({args.split}, {len(y)} images):")
-    print(report.to_markdown())
     print(f"\nwritten: {out / 'verify.json'}, {out / 'verify.md'}")
     return 0 if report.passed else 1

@@ -17,7 +17,7 @@ from .imagenet import ImageFolderStream
 from .npz import load_npz
 from .tiny_imagenet import load_tiny_imagenet
 
-__all__ = ["get_dataset", "parse_spec", "ArrayDataset", "BatchSource", "ImageFolderStream", "Augment", "SPLITS",
+__all__ = ["get_dataset", "parse_spec", "split_options", "ArrayDataset", "BatchSource", "ImageFolderStream", "Augment", "SPLITS",
            "load_digits", "split_indices", "DATASETS"]
 
 DATASETS = ("digits", "npz", "cifar10", "cifar100", "tiny-imagenet", "imagenet")
@@ -39,6 +39,18 @@ def parse_spec(spec: str) -> tuple[str, str]:
                      "cifar10:<folder>, cifar100:<folder>, tiny-imagenet:<folder> or imagenet:<folder>")
 
 
+def split_options(spec: str, holdout: int | None = None,
+                  val_fraction: float | None = None) -> tuple[int | None, float]:
+    """The (holdout, val_fraction) that ``get_dataset(spec, ..., holdout, val_fraction)`` uses,
+    defaults filled in; holdout is None for data with official test files."""
+    from .digits import DIGITS_HOLDOUT
+
+    kind = parse_spec(spec)[0]
+    h = (DIGITS_HOLDOUT if holdout is None else holdout) if kind == "digits" else \
+        (holdout or 0) if kind == "npz" else None
+    return h, val_fraction if val_fraction is not None else 0.01 if kind == "imagenet" else 0.1
+
+
 def get_dataset(spec: str, split: str = "train", holdout: int | None = None,
                 val_fraction: float | None = None, **opts):
     """The ``split`` of dataset ``spec``.
@@ -53,8 +65,9 @@ def get_dataset(spec: str, split: str = "train", holdout: int | None = None,
     if holdout is not None and (not isinstance(holdout, numbers.Integral) or holdout < 0):
         raise ValueError(f"holdout is the number of images held out as the test split: an "
                          f"integer >= 0, got {holdout!r}")
-    if holdout is not None and kind not in ("digits", "npz"):
-        raise ValueError(f"{kind} has an official test split; holdout applies to digits and npz only")
+    if holdout and kind not in ("digits", "npz"):
+        raise ValueError(f"{kind} has an official test split; holdout applies to digits and npz only "
+                         "(leave data.holdout unset, or 0)")
     vf = {} if val_fraction is None else {"val_fraction": val_fraction}
     allowed = {"npz": {"num_classes"}, "imagenet": {"image_size", "num_workers"}}.get(kind, set())
     unknown = set(opts) - allowed

@@ -58,13 +58,14 @@ def split_indices(n: int, split: str, holdout: int = 0, val_fraction: float = 0.
     if split == "test":
         if holdout == 0:
             raise ValueError("this dataset has no test split: set holdout=N to hold out its "
-                             "last N images (data.holdout in a config)")
+                             "last N images (data.holdout in a config, --holdout for certify and verify)")
         return np.arange(rest, n)
     perm = np.random.default_rng(VAL_SEED).permutation(rest)
     n_val = int(round(val_fraction * rest))
     if split == "val":
         if n_val == 0:
-            raise ValueError("the validation split is empty: set val_fraction > 0")
+            raise ValueError("the validation split is empty: set val_fraction > 0 (data.val_fraction in a "
+                             "config, --val-fraction for certify and verify)")
         return np.sort(perm[:n_val])
     return np.sort(perm[n_val:])
 

@@ -20,11 +20,15 @@ def load_npz(path: str | Path, split: str = "train", holdout: int = 0, val_fract
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no .npz file at {path}")
+    if not zipfile.is_zipfile(path):      # np.load would try it as a pickle or a raw .npy
+        raise ValueError(f"{path} is not a valid .npz file (not a zip archive); expected numpy.savez "
+                         "output with arrays x (N, H, W, C) uint8 and y (N,) int")
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files if k in ("x", "y", "classes")}
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
-        raise ValueError(f"{path} is not a readable .npz file ({e}); expected numpy.savez "
+        why = "an array holds Python objects, which lipnext never unpickles" if "pickle" in str(e) else e
+        raise ValueError(f"{path} is not a readable .npz file ({why}); expected numpy.savez "
                          "output with arrays x (N, H, W, C) uint8 and y (N,) int") from None
     for key in ("x", "y"):
         if key not in arrays:

@@ -3,7 +3,7 @@ from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, sa
 from .metrics import read_metrics
 from .schedule import lr_factor
 from .step import TrainStep
-from .trainer import Trainer, TrainingDiverged, train
+from .trainer import RunWriteError, Trainer, TrainingDiverged, train
 
-__all__ = ["train", "Trainer", "TrainStep", "TrainingDiverged", "lr_factor", "save_checkpoint", "load_checkpoint",
+__all__ = ["train", "Trainer", "TrainStep", "TrainingDiverged", "RunWriteError", "lr_factor", "save_checkpoint", "load_checkpoint",
            "latest_checkpoint", "list_checkpoints", "read_metrics"]

@@ -5,12 +5,17 @@
   RNG states (``rng.cpu``, ``rng.cuda.<d>``: uint8 tensors);
 * ``state.json``: step, epoch, scalars, the optimizer's param groups and non-tensor state.
 
-No pickle anywhere. A checkpoint is written into a hidden temporary folder, each file
-fsync'ed, then renamed into place with ``os.replace`` (atomic): a crash mid-write leaves
-only a ``.tmp-*`` folder, which loading ignores. Only the last ``keep_last`` are kept; an
+No pickle anywhere. Both safetensors files record their tensors' sha256 (``tensors_sha256``
+in the header, :func:`lipnext.io.tensors_sha256`), checked at load. A checkpoint is written
+into a hidden temporary folder, each file fsync'ed, then renamed into place with
+``os.replace`` (atomic): a crash mid-write leaves only a ``.tmp-*`` folder, which loading
+ignores, and a failed write (a full disk) removes it and raises an ``OSError`` naming the
+checkpoint. Only the last ``keep_last`` are kept, and only once the new one is complete; an
 old checkpoint is first renamed to a hidden ``.del-*`` folder, then deleted, so a crash
 mid-deletion never leaves a partial ``step_*`` folder (and folders missing a file are
-skipped anyway).
+skipped anyway). A step written again (after a rollback) replaces its folder by two renames:
+the old one to ``.old-*``, the new one into place; a crash between the two leaves the
+``.old-*`` folder, which counts as that step until the step is written again.
 """
 from __future__ import annotations
 
@@ -22,16 +27,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from ..io import file_mode, read_metadata, save_model
+from ..io import check_tensors, file_mode, read_metadata, save_model, tensors_sha256, write_error, write_safetensors
 from .distributed import load_full_state_dict
 
 __all__ = ["save_checkpoint", "load_checkpoint", "list_checkpoints", "latest_checkpoint",
            "CHECKPOINT_DIR"]
 
 CHECKPOINT_DIR = "checkpoints"
-_NAME = re.compile(r"^step_(\d{8,})$")
+_NAME = re.compile(r"^(?:\.old-)?step_(\d{8,})(?:-\d+)?$")
 FILES = ("model.safetensors", "optimizer.safetensors", "state.json")
 
 
@@ -84,13 +89,18 @@ def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (temporary folders are ignored)."""
+    """Complete checkpoints of a run, oldest first, one per step (temporary and half-deleted
+    folders are ignored; an ``.old-step_*`` folder stands for its step only when the crash of a
+    re-save left no ``step_*`` folder)."""
     d = Path(run_dir) / CHECKPOINT_DIR
     if not d.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()
-             and all((p / f).is_file() for f in FILES)]
-    return [p for _, p in sorted(found)]
+    found: dict[int, Path] = {}
+    for p in sorted(d.iterdir(), key=lambda p: p.name.startswith(".old-")):  # step_* first
+        m = _NAME.match(p.name)
+        if m and p.is_dir() and all((p / f).is_file() for f in FILES):
+            found.setdefault(int(m.group(1)), p)
+    return [found[k] for k in sorted(found)]
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -107,28 +117,44 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module,
     ``model.state_dict()`` (an FSDP model's gathered weights).
     """
     root = Path(run_dir) / CHECKPOINT_DIR
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-step_{step:08d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer_state)
-    save_model(model, tmp / "model.safetensors", model_state)
-    save_file({**opt_tensors, **rng_tensors()}, str(tmp / "optimizer.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({**state, "step": step, "optimizer": opt_meta}, indent=1))
-    os.chmod(tmp / "optimizer.safetensors", file_mode())   # safetensors writes 0600
-    for f in ("optimizer.safetensors", "state.json"):
-        _fsync(tmp / f)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        _write(tmp, step, model, optimizer_state, state, model_state)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)    # never leave a half-written folder behind
+        raise write_error(e, f"checkpoint {final}") from None
     if final.exists():          # the same step written again (e.g. after a rollback)
-        _remove(final)
-    os.replace(tmp, final)
+        old = final.with_name(f".old-{final.name}-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
     _fsync(root)
     for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
         _remove(old)
-    for stale in [*root.glob(".tmp-*"), *root.glob(".del-*")]:
+    for stale in [*root.glob(".tmp-*"), *root.glob(".del-*"), *root.glob(".old-*")]:
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def _write(folder: Path, step: int, model: torch.nn.Module, optimizer_state: dict[str, Any],
+           state: dict[str, Any], model_state: dict[str, torch.Tensor] | None) -> None:
+    """The three files of a checkpoint, each fsync'ed, into ``folder``."""
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer_state)
+    save_model(model, folder / "model.safetensors", model_state)
+    tensors = {**opt_tensors, **rng_tensors()}
+    write_safetensors(tensors, folder / "optimizer.safetensors",
+                      {"tensors_sha256": tensors_sha256(tensors)})
+    (folder / "state.json").write_text(json.dumps({**state, "step": step, "optimizer": opt_meta}, indent=1))
+    os.chmod(folder / "optimizer.safetensors", file_mode())   # safetensors writes 0600
+    for f in ("optimizer.safetensors", "state.json"):
+        _fsync(folder / f)
 
 
 def _remove(path: Path) -> None:
@@ -136,6 +162,14 @@ def _remove(path: Path) -> None:
     hidden = path.with_name(f".del-{path.name}-{os.getpid()}")
     os.replace(path, hidden)
     shutil.rmtree(hidden, ignore_errors=True)
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and the header metadata of a safetensors file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        return {k: fh.get_tensor(k) for k in fh.keys()}, fh.metadata() or {}
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module,
@@ -159,9 +193,11 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module,
                          f"config {[want['config'].get(k) for k in diff]}); use the run's own config "
                          "or a new run_dir")
     weights = load_file(str(path / "model.safetensors"))
+    check_tensors(weights, meta, path / "model.safetensors")
     load_full_state_dict(model, weights)
     state = json.loads((path / "state.json").read_text())
-    tensors = load_file(str(path / "optimizer.safetensors"))
+    tensors, opt_meta = _read_safetensors(path / "optimizer.safetensors")
+    check_tensors(tensors, opt_meta, path / "optimizer.safetensors")
     if optimizer is not None:
         optimizer.load_state_dict(_unflatten_optimizer(tensors, state.pop("optimizer")))
     restore_rng(tensors)

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..io import atomic_write
+from ..io import atomic_write, write_error
 
 __all__ = ["MetricsLog", "read_metrics"]
 
@@ -57,8 +57,11 @@ class MetricsLog:
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self._fh.write(json.dumps(record) + "\n")
-        self._fh.flush()
+        try:
+            self._fh.write(json.dumps(record) + "\n")
+            self._fh.flush()
+        except OSError as e:                   # a full disk: say which file
+            raise write_error(e, self.path) from None
         if self.writer is not None:
             kind = record.get("kind", "train")
             for k, v in record.items():

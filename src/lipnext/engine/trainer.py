@@ -10,6 +10,11 @@
         checkpoint (atomic) every checkpoint_every epochs / checkpoint_every_steps steps
     polar retraction; save model.safetensors; certify the test split; table, results.json, plot
 
+One process writes a run folder at a time (``lipnext.runlock``); a training starts only in a
+new or empty folder, continues one with checkpoints under resume=true, and replaces one only
+under overwrite=true (``run_folder``). ``run.json`` records the run (``lipnext.provenance``):
+written at the start, rewritten when it is interrupted and when it finishes.
+
 Everything random is a function of (seed, step) (see ``batches``), so a run resumed from a
 checkpoint repeats the uninterrupted run exactly on CPU. Under FSDP the model is sharded in
 place: the bound gathers the weights for a moment, checkpoints are gathered to the unsharded
@@ -17,42 +22,58 @@ layout, and rank 0 certifies an unsharded copy.
 """
 from __future__ import annotations
 
+import errno
 import functools
 import math
+import os
+import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from ..config import Config, dataset_options, load_config, to_yaml, warmup_epochs
-from ..data import Augment, BatchSource, get_dataset, parse_spec
-from ..io import atomic_write, save_model
+from ..config import Config, check_image_size, dataset_options, load_config, to_yaml, warmup_epochs
+from ..data import SPLITS, Augment, BatchSource, get_dataset, parse_spec, split_options
+from ..io import atomic_write, save_model, tensors_sha256
 from ..losses import LOSSES, eps_schedule
 from ..models.base import CertifiableModel, check_images
 from ..models.lipnext import LipNeXtBlock, compile_mode, compiles, set_compile
 from ..models.registry import build_from_config
 from ..optim import build_optimizer
 from ..program import same_function
+from ..progress import progress
+from ..provenance import data_record, provenance
 from ..report import format_table, plot_certified_accuracy, results_dict, write_json
+from ..runlock import RunFolderBusy, run_lock
 from .batches import BatchPlan, additional_data, step_generator
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .evaluate import certify_dataset
 from .distributed import (DistInfo, all_true, barrier, broadcast_float, build_model, full_state_dict,
-                          is_sharded, setup, teardown, wrap_model)
+                          is_sharded, setup, sum_float, teardown, wrap_model)
 from .metrics import MetricsLog
+from .run_folder import RUN_RECORD, check_run_dir, remove_run_files
 from .schedule import lr_factor
 from .signals import StopOnSignal
 from .step import LossHook, TrainStep
 
-__all__ = ["train", "Trainer", "TrainingDiverged"]
+__all__ = ["train", "Trainer", "TrainingDiverged", "RunWriteError"]
 
 
 class TrainingDiverged(RuntimeError):
     """A non-finite loss or gradient that train.on_nan could not recover from."""
+
+
+class RunWriteError(OSError):
+    """A write in the run folder failed during training (a full disk): the training stopped;
+    ``resumable`` says whether a complete checkpoint is there to continue from."""
+
+    resumable = False
 
 
 def train(cfg: Config | None = None, loss_hook: LossHook | None = None) -> dict[str, Any]:
@@ -66,9 +87,26 @@ def train(cfg: Config | None = None, loss_hook: LossHook | None = None) -> dict[
     created = not dist.is_initialized()
     info, device = setup(cfg.dist.strategy, cfg.dist.backend, cfg.train.device)
     try:
-        return Trainer(cfg, info, device, loss_hook).run()
+        with _locked(Path(cfg.run_dir), info, device):
+            return Trainer(cfg, info, device, loss_hook).run()
     finally:
         teardown(info, created)
+
+
+@contextmanager
+def _locked(run_dir: Path, info: DistInfo, device: torch.device) -> Iterator[None]:
+    """Rank 0 holds the run folder's lock (``lipnext.runlock``) for the whole training; when it
+    cannot take it, every rank raises (collective)."""
+    with ExitStack() as stack:
+        error: Exception | None = None
+        if info.is_main:
+            try:
+                stack.enter_context(run_lock(run_dir, "lipnext train"))
+            except (RunFolderBusy, OSError) as e:
+                error = e
+        if not all_true(error is None, info, device):
+            raise error or RunFolderBusy(f"rank 0 could not lock {run_dir} (see its message)")
+        yield
 
 
 def radius_label(r: float, unit: float) -> str:
@@ -108,11 +146,14 @@ class Trainer:
                  loss_hook: LossHook | None = None):
         self.cfg, self.info, self.device = cfg, info, device
         self.run_dir = Path(cfg.run_dir)
+        self._wall0, self._cpu0 = time.perf_counter(), time.process_time()
+        self._folder = check_run_dir(self.run_dir, cfg.resume, cfg.overwrite)
         self._build_data()
         self._build_model()
         self._build_step(loss_hook)
         self._build_plan()
         resume_step = self._resume()
+        barrier(info)                 # every rank has checked the folder before rank 0 writes in it
         self._build_log(resume_step)
 
     # ---------------------------------------------------------------- build steps
@@ -130,6 +171,7 @@ class Trainer:
             if ((self.gen_ds.in_chans, self.gen_ds.image_size) != (ds.in_chans, ds.image_size)
                     or self.gen_ds.num_classes > ds.num_classes):
                 raise ValueError(f"generated images {self.gen_ds} do not match the real ones {ds}")
+        check_image_size(self.cfg, self.train_ds.image_size)
 
     def _build_model(self) -> None:
         """The model for the data, checked once against its first images (so it skips its
@@ -175,26 +217,28 @@ class Trainer:
         self.stopped_early: int | None = None
         self._resumed_from: Path | None = None
         self.loop_cpu_s = 0.0                 # CPU seconds (all threads) of this process's loop
+        self._saved_at: int | None = None     # the step of the last checkpoint written or loaded
+        self._prior = {"wall_s": 0.0, "cpu_s": 0.0}   # times of the sessions before a resume
 
     def _resume(self) -> int | None:
-        """Load the last checkpoint of run_dir under resume=true; refuse to overwrite one otherwise."""
-        existing = list_checkpoints(self.run_dir)
-        if not self.cfg.resume:
-            if existing:
-                raise ValueError(f"{self.run_dir} already has checkpoints ({existing[-1].name}); "
-                                 "pass --resume (resume=true) to continue it, or choose another run_dir")
+        """Load the last checkpoint of run_dir when the folder check said "resume"."""
+        if self._folder != "resume":
             return None
-        if not existing:
-            if self.info.is_main:
-                print(f"resume: no checkpoint in {self.run_dir}, starting from scratch")
-            return None
-        return self._load(existing[-1])
+        return self._load(list_checkpoints(self.run_dir)[-1])
 
     def _build_log(self, resume_step: int | None) -> None:
-        """The run folder, its config.yaml, the banner and the metrics log (rank 0 writes)."""
+        """The run folder (the previous run's files removed under overwrite=true), its
+        config.yaml and run.json, the banner and the metrics log (rank 0 writes)."""
         if self.info.is_main:
+            if self._folder in ("overwrite", "restart"):
+                removed = remove_run_files(self.run_dir)
+                why = ("overwrite: replacing the run" if self._folder == "overwrite" else
+                       "resume: no checkpoint to resume; starting from scratch")
+                print(f"{why} in {self.run_dir} (removed {', '.join(removed) or 'nothing'})")
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write(self.run_dir / "config.yaml", lambda p: Path(p).write_text(to_yaml(self.cfg)))
+            self._data = self._data_record()
+            self._write_record("running")
             print(self._banner(), flush=True)
         self.log = MetricsLog(self.run_dir, self.info.is_main, self.cfg.train.tensorboard, resume_step)
 
@@ -204,16 +248,51 @@ class Trainer:
             self._datasets[split] = get_dataset(self.cfg.data.name, split, **dataset_options(self.cfg))
         return self._datasets[split]
 
+    def _split_sizes(self) -> dict[str, int]:
+        """The number of images of each split of the run's data (0: the data has no such split)."""
+        sizes = {}
+        for split in SPLITS:
+            try:
+                sizes[split] = len(self._dataset(split))
+            except (ValueError, FileNotFoundError):
+                sizes[split] = 0
+        return sizes
+
+    def _data_record(self) -> dict[str, Any]:
+        """The data section of run.json: the data's sha256, the effective split, its index hash."""
+        d = self.cfg.data
+        holdout, val_fraction = split_options(d.name, d.holdout, d.val_fraction)
+        n = self._split_sizes()
+        pool = n["train"] + n["val"] + (n["test"] if holdout is not None else 0)
+        return data_record(d.name, self.run_dir, holdout, val_fraction, self.cfg.train.seed, pool,
+                           n["test"] if holdout is None else None)
+
+    def _times(self) -> dict[str, float | None]:
+        """wall_s and cpu_s of all sessions of the run so far (CPU: summed over the ranks;
+        collective), and gpu_s = wall_s x the GPUs used (None on the CPU)."""
+        wall = self._prior["wall_s"] + broadcast_float(time.perf_counter() - self._wall0, self.info, self.device)
+        cpu = self._prior["cpu_s"] + sum_float(time.process_time() - self._cpu0, self.info, self.device)
+        gpu = wall * self.info.world_size if self.device.type == "cuda" else None
+        return {"wall_s": wall, "cpu_s": cpu, "gpu_s": gpu}
+
+    def _write_record(self, state: str, times: dict[str, float | None] | None = None,
+                      weights_sha256: str | None = None, path: Path | None = None, **extra: Any) -> None:
+        """run.json (rank 0): the provenance, and the run's state (running | interrupted |
+        finished | incomplete: finished, but some outputs could not be written)."""
+        record = {**provenance(self.device, self._data, self.cfg, weights_sha256=weights_sha256,
+                               **(times or {})),
+                  "state": state, "step": self.step, "total_steps": self.total_steps,
+                  "resumed_from": self._resumed_from.name if self._resumed_from else None,
+                  "updated": time.strftime("%Y-%m-%d %H:%M:%S"), **extra}
+        write_json(record, path or self.run_dir / RUN_RECORD)
+
     def _banner(self) -> str:
         """What the run is about to do: model, data sizes, steps, run folder, resume point."""
         cfg, spe = self.cfg, self.steps_per_epoch
         n_params = sum(p.numel() for p in self.model.parameters())
-        sizes = [f"train {len(self.train_ds):,}"]
-        for split in ("val", "test"):
-            try:
-                sizes.append(f"{split} {len(self._dataset(split)):,}")
-            except (ValueError, FileNotFoundError):
-                sizes.append(f"no {split} split")
+        n = self._split_sizes()
+        sizes = [f"train {n['train']:,}"] + [f"{split} {n[split]:,}" if n[split] else f"no {split} split"
+                                            for split in ("val", "test")]
         lines = [f"lipnext train: {cfg.model.name} ({n_params / 1e6:.2f}M parameters) on {cfg.data.name}, "
                  f"{self.device} {'bf16' if self.bf16 else 'fp32'}, {self.info.world_size} process(es)",
                  f"  images: {', '.join(sizes)}; certify.split={cfg.certify.split} at the end",
@@ -251,22 +330,35 @@ class Trainer:
         self._resumed_from = path
         self.step, self.lr_scale = state["step"], state["lr_scale"]
         self.rollbacks, self.elapsed, self.lipschitz = state["rollbacks"], state["elapsed_s"], state["lipschitz"]
+        # the times of the sessions before this one (checkpoints of lipnext <= 0.1.0: the loop's)
+        self._prior = {"wall_s": state.get("wall_s", self.elapsed), "cpu_s": state.get("cpu_s", 0.0)}
+        self._saved_at = self.step
         return self.step
 
     def _save(self) -> None:
-        if not self.cfg.train.checkpoint:
+        """Write a checkpoint of this step (rank 0; collective), unless the last one written or
+        loaded is of this very state. A failed write raises on every rank; the checkpoints
+        before it stay as they were."""
+        if not self.cfg.train.checkpoint or self._saved_at == self.step:
             return
         model_state = full_state_dict(self.model)            # collective under FSDP
         optimizer_state = self.optimizer.state_dict()        # collective under FSDP
+        times, error = self._times(), None
         if self.info.is_main:
-            save_checkpoint(self.run_dir, self.step, self.model, optimizer_state,
-                            {"epoch": self.step // self.steps_per_epoch, "total_steps": self.total_steps,
-                             "steps_per_epoch": self.steps_per_epoch,
-                             "lr_scale": self.lr_scale, "rollbacks": self.rollbacks,
-                             "elapsed_s": self.elapsed, "lipschitz": self.lipschitz,
-                             "model": self.cfg.model.name},
-                            keep_last=self.cfg.train.keep_last, model_state=model_state)
-        barrier(self.info)
+            try:
+                save_checkpoint(self.run_dir, self.step, self.model, optimizer_state,
+                                {"epoch": self.step // self.steps_per_epoch, "total_steps": self.total_steps,
+                                 "steps_per_epoch": self.steps_per_epoch,
+                                 "lr_scale": self.lr_scale, "rollbacks": self.rollbacks,
+                                 "elapsed_s": self.elapsed, "lipschitz": self.lipschitz,
+                                 "model": self.cfg.model.name, "wall_s": times["wall_s"],
+                                 "cpu_s": times["cpu_s"]},
+                                keep_last=self.cfg.train.keep_last, model_state=model_state)
+            except OSError as e:
+                error = e
+        if not all_true(error is None, self.info, self.device):
+            raise error or OSError(errno.EIO, "rank 0 could not write the checkpoint (see its message)")
+        self._saved_at = self.step
 
     # ---------------------------------------------------------------- one step
     def _local_indices(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -324,8 +416,10 @@ class Trainer:
         if ckpt is None:
             raise TrainingDiverged(f"{msg} and no checkpoint to roll back to")
         rollbacks, lr_scale = self.rollbacks, self.lr_scale * 0.5
+        prior = self._prior                          # a rollback is no new session
         self._load(ckpt)
         self.rollbacks, self.lr_scale = rollbacks, lr_scale
+        self._prior, self._saved_at = prior, None
         self.log.rewind(self.step)
         self.log.log({"kind": "rollback", "step": self.step, "at_step": step, "lr_scale": lr_scale,
                       "rollbacks": rollbacks})
@@ -380,25 +474,38 @@ class Trainer:
         if t.on_nan == "rollback" and latest_checkpoint(self.run_dir) is None:
             self._save()                              # something to roll back to
         already_final = self.step >= self.total_steps  # resumed from the final checkpoint
-        self._bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
-                         desc=f"train {self.cfg.model.name}", mininterval=1.0,
-                         disable=not (t.progress and self.info.is_main))
+        self._bar = progress(self.total_steps, f"train {self.cfg.model.name}", t.progress and self.info.is_main,
+                             initial=self.step)
         stop = StopOnSignal()                         # Ctrl-C / SIGTERM: checkpoint, then stop
         self.model.validate_inputs = False
         try:
             stop.install()
             interrupt = self._loop(stop)
+        except OSError as e:                          # a full disk at a checkpoint or the log
+            if isinstance(e, BrokenPipeError):
+                raise
+            raise self._stopped(e) from None
         finally:
             stop.restore()
             self.model.validate_inputs = True
             self._bar.close()
         if interrupt is not None:
-            results = self._interrupt(interrupt)
-        else:
-            if not already_final:                     # its weights are already final
-                self._end_of_training()
-            results = self._finish()
-        return results
+            return self._interrupt(interrupt)
+        unsaved = [] if already_final else self._end_of_training()   # resumed final weights: as they are
+        return self._finish(unsaved)
+
+    def _stopped(self, e: OSError) -> RunWriteError:
+        """A write that failed during training, as an error that says what is safe and what to do."""
+        last = latest_checkpoint(self.run_dir)
+        kept = (f"the last complete checkpoint is {last}: fix the cause (free some space?), then "
+                "continue with --resume" if last else "no checkpoint was written")
+        what = e.strerror or str(e)
+        if e.filename and str(e.filename) not in what:
+            what = f"cannot write {e.filename}: {what}"
+        err = RunWriteError(e.errno or errno.EIO,
+                            f"{what}; training stopped at step {self.step} of {self.total_steps}; {kept}")
+        err.resumable = last is not None
+        return err
 
     def _loop(self, stop: StopOnSignal) -> str | None:
         """Steps until the schedule, the budget or the time limit ends; returns what interrupted
@@ -478,16 +585,31 @@ class Trainer:
                               eps=f"{stats['eps']:.3f}", img_s=f"{ips:.0f}")
         self._window_t, self._window_n = now, 0
 
-    def _end_of_training(self) -> None:
-        """Polar retraction (none: certified as trained, bound measured) and the final checkpoint."""
+    def _end_of_training(self) -> list[str]:
+        """Polar retraction (none: certified as trained, bound measured) and the final checkpoint;
+        what could not be written (a full disk: the run still saves and certifies what it can)."""
         if self.cfg.train.retraction != "none":
             self.optimizer.retract(self.cfg.train.retraction)
+            self._saved_at = None                     # the weights changed at this step
         self.elapsed = time.perf_counter() - self._t0
-        self._save()
+        try:
+            self._save()
+        except OSError as e:
+            if self.info.is_main:
+                print(f"warning: the final checkpoint was not written ({getattr(e, 'reason', None) or e}); "
+                      "saving the weights and results next", flush=True)
+            return [f"checkpoint step_{self.step:08d}"]
+        return []
 
     def _interrupt(self, reason: str) -> dict[str, Any]:
         """Checkpoint (atomic) and stop: train.stop_at_step, or SIGINT/SIGTERM (on any rank)."""
-        self._save()
+        try:
+            self._save()
+        except OSError as e:
+            raise self._stopped(e) from None
+        times = self._times()
+        if self.info.is_main:
+            self._write_record("interrupted", times)
         self.log.close()
         out: dict[str, Any] = {"interrupted": True, "step": self.step}
         if reason != "train.stop_at_step":
@@ -519,13 +641,20 @@ class Trainer:
         print(f"note: {note}; certifying the val split instead")
         return "val"
 
-    def _finish(self) -> dict[str, Any]:
-        """Save the final weights; certify the test split (val if there is none); report."""
+    def _finish(self, unsaved: list[str]) -> dict[str, Any]:
+        """Save the final weights; certify the test split (val if there is none); report.
+
+        A file that cannot be written (a full disk, a read-only folder) goes to a rescue folder
+        in the system's temporary folder instead, the results table is printed either way, and
+        an OSError then says what went where (``unsaved``: what the caller could not write)."""
         cfg = self.cfg
         results: dict[str, Any] = {}
         model = self._whole_model()
+        times = self._times()
+        failed: list[tuple[str, str, Path | None]] = []
         if self.info.is_main:
-            save_model(model, self.run_dir)
+            weights = model.state_dict()
+            failed += self._write("model.safetensors", lambda p: save_model(model, p))
             split = self._final_split()
             results = {"split": split, "dataset": cfg.data.name, "model": cfg.model.name,
                        "epochs": cfg.train.epochs, "steps": self.step, "train_time_s": round(self.elapsed, 1),
@@ -534,25 +663,73 @@ class Trainer:
                        "world_size": self.info.world_size, "device": str(self.device),
                        "precision": "bf16" if self.bf16 else "fp32", "run_dir": str(self.run_dir),
                        "additional_data": additional_data(self.plan, cfg.data.generated)}
+            prov = provenance(self.device, self._data, cfg, weights_sha256=tensors_sha256(weights), **times)
             if split is None:
-                write_json({**results, "certified": False}, self.run_dir / "results.json")
-                self.log.log({"kind": "final", "step": self.step, "split": None})
+                results = {**results, "certified": False, "provenance": prov}
+                failed += self._write("results.json", lambda p: write_json(results, p))
+                failed += self._log_final({"kind": "final", "step": self.step, "split": None})
                 print(f"no test split was certified (certify.split={cfg.certify.split}); the weights "
                       f"are in {self.run_dir}. Certify them on held-out data with:\n"
                       f"  lipnext certify {self.run_dir} --data SPEC   (e.g. --data npz:test.npz)")
             else:
                 res, cert = self._certify(model, split)
-                results = {**res, **results}
-                write_json(results, self.run_dir / "results.json")
-                self._plot(cert, split)
-                self.log.log({"kind": "final", "step": self.step, **{k: results[k] for k in
-                              ("clean_accuracy", "cra", "lipschitz_bound", "split", "n")}})
+                results = {**res, **results, "provenance": prov}
                 print(f"certified on the {split} split ({res['n']} images), rule {res['rule']}:")
                 print(format_table(results))
+                failed += self._write("results.json", lambda p: write_json(results, p))
+                self._plot(cert, split)
+                failed += self._log_final({"kind": "final", "step": self.step, **{k: results[k] for k in
+                                           ("clean_accuracy", "cra", "lipschitz_bound", "split", "n")}})
+            unwritten = [name for name, _, _ in failed] + unsaved
+            extra = {"not_written": unwritten} if unwritten else {}
+            failed += self._write(RUN_RECORD, lambda p: self._write_record(
+                "incomplete" if unwritten else "finished", times, prov["weights_sha256"], p, **extra))
             print(f"run folder: {self.run_dir}")
         self.log.close()
         barrier(self.info)
+        if failed or unsaved:
+            raise self._not_saved(failed, unsaved)
         return results
+
+    def _write(self, name: str, write: Callable[[Path], Any]) -> list[tuple[str, str, Path | None]]:
+        """``write(run_dir / name)``; on a filesystem error ``write(rescue / name)`` in a rescue
+        folder of the system's temporary folder instead: [] or [(name, why, where or None)]."""
+        try:
+            write(self.run_dir / name)
+            return []
+        except OSError as e:
+            if isinstance(e, BrokenPipeError):
+                raise
+            why = getattr(e, "reason", None) or e.strerror or str(e)
+        rescue = Path(tempfile.gettempdir()) / f"lipnext-rescue-{self.run_dir.name}-{os.getpid()}"
+        try:
+            rescue.mkdir(parents=True, exist_ok=True)
+            write(rescue / name)
+            return [(name, why, rescue / name)]
+        except OSError:
+            return [(name, why, None)]
+
+    def _log_final(self, record: dict[str, Any]) -> list[tuple[str, str, Path | None]]:
+        """The last metrics line; [] or [("metrics.jsonl", why, None)] when it cannot be written."""
+        try:
+            self.log.log(record)
+            return []
+        except OSError as e:
+            if isinstance(e, BrokenPipeError):
+                raise
+            return [("metrics.jsonl", getattr(e, "reason", None) or e.strerror or str(e), None)]
+
+    def _not_saved(self, failed: list[tuple[str, str, Path | None]], unsaved: list[str]) -> OSError:
+        """One error saying what could not be written in the run folder, and where it went instead."""
+        parts = [f"{name} ({why})" for name, why, _ in failed] + unsaved
+        rescued = [str(where) for _, _, where in failed if where is not None]
+        lost = [name for name, _, where in failed if where is None]
+        last = latest_checkpoint(self.run_dir)
+        msg = (f"the run finished, but {', '.join(parts)} could not be written in {self.run_dir}"
+               + (f"; saved instead: {', '.join(rescued)}" if rescued else "")
+               + (f"; not saved anywhere: {', '.join(lost)} (the results are printed above)" if lost else "")
+               + (f"; the last complete checkpoint is {last}" if last else ""))
+        return OSError(errno.EIO, msg)
 
     def _plot(self, cert: Any, split: str) -> None:
         c = self.cfg.certify
@@ -564,3 +741,5 @@ class Trainer:
                                           f"{len(cert)} images)")
         except ImportError:
             print("matplotlib is not installed: no plot (pip install 'lipnext[demo]')")
+        except OSError as e:                   # the plot is redrawn by lipnext certify --plot
+            print(f"warning: no plot: {getattr(e, 'reason', None) or e}")

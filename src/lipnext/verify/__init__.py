@@ -108,8 +108,8 @@ def verify_model(model, x: torch.Tensor, y: torch.Tensor, eps: Sequence[float] =
             checks.append(CheckResult("certify", False, f"certification refused: {refusal}",
                                       {"refused": type(refusal).__name__}))
         if progress:  # after certify, which checks the inputs: a usage error prints nothing else
-            from tqdm.auto import tqdm
-            bar = tqdm(total=len(names), initial=1, desc="verify", unit="check")
+            from ..progress import progress as progress_bar   # a bar on a terminal, lines in a log
+            bar = progress_bar(len(names), "verify", initial=1, unit="check")
         checks.append(timed("orthogonality", orthogonality_check, model, ortho_tol))
         checks.append(timed("empirical_lipschitz", empirical_lipschitz, model, x[:budget.lipschitz_points],
                             budget.lipschitz_steps, budget.lipschitz_restarts, rtol=lipschitz_rtol, seed=seed))

@@ -162,8 +162,8 @@ class Progress:
     def phase(self, name: str, total: int) -> "Progress":
         self.close()
         if self.show:
-            from tqdm.auto import tqdm
-            self._bar = tqdm(total=total, desc=f"verify: {name}", unit="pt", leave=False)
+            from ..progress import progress      # a bar on a terminal, lines in a log
+            self._bar = progress(total, f"verify: {name}", unit="pt", leave=False)
         return self
 
     def update(self, n: int) -> None:
