@@ -184,9 +184,15 @@ def test_paper_configs_carry_the_recipes_augmentation():
 
 
 @pytest.mark.parametrize("study", ["studies/randaugment.yaml", "studies/paper/randaugment.yaml"])
-def test_the_randaugment_studies_load(study, monkeypatch, capsys):
+def test_the_randaugment_studies_load(study, monkeypatch, capsys, tmp_path):
     monkeypatch.chdir(Path(__file__).resolve().parents[1])       # their base configs are relative paths
-    assert main(["study", study, "--dry-run"]) == 0
+    extra = []
+    if "paper" in study:       # every cell is checked against its data: a small CIFAR-shaped stand-in
+        rng = np.random.default_rng(0)
+        np.savez(tmp_path / "cifar_like.npz", x=rng.integers(0, 256, (60, 32, 32, 3), dtype=np.uint8),
+                 y=np.arange(60) % 10)
+        extra = [f"data.name=npz:{tmp_path / 'cifar_like.npz'}", "data.holdout=10"]
+    assert main(["study", study, *extra, "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 6 and {line.split()[-1] for line in lines} == {"augment.randaugment=true",
                                                                          "augment.randaugment=false"}
