@@ -1,7 +1,7 @@
 """A model's float64 program, assembled from its layers, and the float64 twin that runs it.
 
 Every layer that can appear in a certified model owns its certificate, written next to its
-``forward`` (docs/EXTENDING.md, Adding a layer):
+``forward`` (docs/EXTENDING.md, Adding an activation):
 
     lipschitz_bound() -> float          a sound bound of its L2 Lipschitz constant
     rounding_steps(name) -> [Step]      its forward as float64 ``lipnext.rounding`` steps,
@@ -107,7 +107,8 @@ def _check_instance(module: nn.Module, path: str) -> None:
                              "what it computes: remove them before certifying")
 
 
-def _check_layer(module: nn.Module, path: str) -> None:
+def _check_declared(module: nn.Module, path: str) -> None:
+    """The layer declares both methods of its certificate."""
     missing = [m for m in LAYER_METHODS if not callable(getattr(module, m, None))]
     if missing:
         raise NotCertifiable(
@@ -115,7 +116,12 @@ def _check_layer(module: nn.Module, path: str) -> None:
             f"{' and '.join(f'{m}()' for m in missing)}. Every layer of a certified model needs "
             "lipschitz_bound() (a sound bound of its L2 Lipschitz constant) and rounding_steps(name) "
             "(its forward as lipnext.rounding steps with their rounding bounds), next to its forward "
-            "(docs/EXTENDING.md, Adding a layer)")
+            "(docs/EXTENDING.md, Adding an activation)")
+
+
+def _check_layer(module: nn.Module, path: str) -> None:
+    """The layer declares its certificate, and nothing overrides or replaces what its program describes."""
+    _check_declared(module, path)
     _check_overrides(type(module), "rounding_steps", path, "forward")
     _check_instance(module, path)
 
@@ -141,7 +147,9 @@ def steps_of(module: nn.Module, name: str) -> list[Step]:
 
 def lipschitz_of(module: nn.Module, name: str) -> float:
     """The ``lipschitz_bound()`` of ``module`` named ``name`` by its parent (its path in errors
-    is the parents' names and its own), after checking that it owns a certificate."""
+    is the parents' names and its own), after checking that it declares a certificate. (A
+    claim: wrappers that keep the function, like FSDP's, are allowed here; certification
+    checks the program and the claim against it.)"""
     parents = _PATH.get()
     path = ".".join((*parents, name))
     if type(module) is nn.Identity:
@@ -150,7 +158,7 @@ def lipschitz_of(module: nn.Module, name: str) -> float:
     try:
         if type(module) is nn.Sequential:
             return math.prod(lipschitz_of(child, str(i)) for i, child in enumerate(module))
-        _check_layer(module, path)
+        _check_declared(module, path)
         return float(module.lipschitz_bound())
     finally:
         _PATH.reset(token)
@@ -166,7 +174,7 @@ def affine_of(module: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor]
     if not callable(getattr(module, "affine_map", None)):
         raise NotCertifiable(f"{name} ({type(module).__name__}) cannot be certified as a head: it does "
                              "not declare affine_map() -> (W, b), the affine map z = W f + b its forward "
-                             "computes (docs/EXTENDING.md, Adding a layer)")
+                             "computes (docs/EXTENDING.md, Adding an activation)")
     _check_overrides(type(module), "affine_map", name, "forward")
     _check_instance(module, name)
     w, b = module.affine_map()

@@ -63,8 +63,8 @@ class ShardedManifoldAdam(OwnerShardedOptimizer):
                 if not g["orthogonal"]:
                     self.local[id(p)] = nn.Parameter(p.to_local().detach())
                 elif self.owner[id(p)] == self.rank:
-                    self.local[id(p)] = mark_lie_gradient(OrthogonalParameter(
-                        torch.empty(p.shape, dtype=p.dtype, device=p.device)), has_lie_gradient(p))
+                    self.local[id(p)] = OrthogonalParameter(torch.empty(p.shape, dtype=p.dtype,
+                                                                        device=p.device))
         self._build_inner(defaults)
         self._release()
 
@@ -99,6 +99,8 @@ class ShardedManifoldAdam(OwnerShardedOptimizer):
                     self.local[id(p)].grad = grad.to_local() if grad is not None else None
                     continue
                 owner = self.owner[id(p)]
+                if owner == self.rank:        # the gradient's form as the step's backward made it
+                    mark_lie_gradient(self.local[id(p)], has_lie_gradient(p))
                 pending.append((p, "data", self._gather(p.to_local(), p.shape[0], owner)))
                 if grad is not None:
                     pending.append((p, "grad", self._gather(grad.to_local(), p.shape[0], owner)))
