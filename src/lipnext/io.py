@@ -9,7 +9,6 @@ them strictly. Writes are atomic (temporary file + os.replace).
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import re
@@ -20,6 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .digest import tensors_sha256
 from .models.base import CertifiableModel
 from .models.registry import build_from_config
 
@@ -85,22 +85,6 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
         code = re.search(r"os error (\d+)", str(e))
         raise (OSError(int(code.group(1)), os.strerror(int(code.group(1)))) if code
                else OSError(errno.EIO, str(e))) from None
-
-
-def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
-    """The sha256 hex digest of a set of named tensors, independent of the file format.
-
-    Recipe: for each name in sorted order, feed ``name``, ``str(dtype)`` (e.g. ``torch.float32``)
-    and the shape as comma-separated sizes (``"3,8,8"``; ``""`` for a scalar), each followed by
-    a NUL byte, then the tensor's raw bytes (contiguous, on the CPU, in the machine's byte
-    order: little-endian, as safetensors stores them)."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        for part in (name, str(t.dtype), ",".join(str(s) for s in t.shape)):
-            h.update(part.encode() + b"\0")
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def check_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: str | os.PathLike) -> None:

@@ -31,7 +31,6 @@ programs here; ``nn.ModuleList`` and ``nn.ModuleDict`` are containers.
 from __future__ import annotations
 
 import contextvars
-import hashlib
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -41,6 +40,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _module
 
+from .digest import tensors_sha256
 from .modes import evaluating, standard_numerics
 from .ops.registry import reference_only
 from .rounding import Step, program_lipschitz
@@ -249,14 +249,8 @@ def head_program(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def state_fingerprint(model: nn.Module) -> str:
-    """sha256 of the model's parameters and buffers (names, dtypes, shapes, bytes)."""
-    digest = hashlib.sha256()
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        t = t.detach()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        if t.numel() and not t.is_meta:
-            digest.update(t.reshape(-1).cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    """``lipnext.digest.tensors_sha256`` of the model's state dict (parameters and buffers)."""
+    return tensors_sha256(model.state_dict())
 
 
 class Float64Twin(nn.Module):
