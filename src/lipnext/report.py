@@ -17,12 +17,14 @@ __all__ = ["results_dict", "format_table", "plot_certified_accuracy", "write_jso
 
 def results_dict(cert: Certificate, eps: Sequence[float], labels: Sequence[str] | None = None,
                  **extra: Any) -> dict[str, Any]:
-    """Clean accuracy, CRA at each eps, the bound and the rule, as plain JSON types."""
+    """Clean accuracy, CRA at each eps, the bound, the rule and how the radii were computed
+    (``numerics``: "float64-proven" for certificates), as plain JSON types."""
     labels = list(labels) if labels is not None else [f"{e:g}" for e in eps]
     return {"n": len(cert), "clean_accuracy": cert.accuracy,
             "cra": {lab: cert.cra(float(e)) for lab, e in zip(labels, eps)},
             "eps": {lab: float(e) for lab, e in zip(labels, eps)},
-            "lipschitz_bound": cert.lipschitz, "rule": cert.rule, **extra}
+            "lipschitz_bound": cert.lipschitz, "rule": cert.rule, "numerics": cert.numerics,
+            "range_limited": int(cert.range_limited.sum()), **extra}
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -31,6 +33,8 @@ def format_table(results: dict[str, Any]) -> str:
     rows += [(f"CRA @ eps={lab}", f"{100 * v:.1f}%") for lab, v in results["cra"].items()]
     rows += [("Lipschitz bound L", f"{results['lipschitz_bound']:.6f}"),
              ("certificate rule", results["rule"]), ("test points", str(results["n"]))]
+    if results.get("numerics", "float64-proven") != "float64-proven":      # never from certify
+        rows.append(("NOT CERTIFICATES", str(results["numerics"])))
     w = max(len(k) for k, _ in rows)
     line = "-" * (w + 14)
     return "\n".join([line] + [f"{k:<{w}}  {v:>10}" for k, v in rows] + [line])
