@@ -27,15 +27,16 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..engine.distributed import DistInfo, build_model
 from ..io import atomic_write
 from ..losses import emma_loss
-from ..models import create_model
+from ..models.base import CertifiableModel
 from ..optim import build_optimizer
 from .results import run_facts, write_results
 from .timing import (median, peak_rss_bytes, peak_tflops, resolve_device, rss_bytes, synchronize,
                      time_calls)
 
-__all__ = ["measure_model", "run_model_bench", "bench_table"]
+__all__ = ["bench_model", "measure_model", "run_model_bench", "bench_table"]
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -47,10 +48,17 @@ def _count_flops(fn: Callable[[], object]) -> int:
     return int(counter.get_total_flops())
 
 
+def bench_model(name: str, device: torch.device, seed: int = 0, **kwargs: Any) -> CertifiableModel:
+    """The named model on ``device`` as the trainer builds it (``engine.distributed.build_model``):
+    orthogonal matrices allocated on the meta device and drawn on ``device``, so a 1B or 2B
+    model on a GPU runs no float64 QR of 4096^2 or 5792^2 on the host."""
+    torch.manual_seed(seed)
+    return build_model(name, DistInfo(), device, seed, **kwargs)
+
+
 def _setup(name: str, batch: int, image_size: int, num_classes: int, dev: torch.device, amp):
     """Model, optimizer, a random batch, and a closure running forward + EMMA + backward."""
-    torch.manual_seed(0)
-    model = create_model(name, num_classes=num_classes, image_size=image_size).to(dev)
+    model = bench_model(name, dev, num_classes=num_classes, image_size=image_size)
     model.validate_inputs = False
     opt = build_optimizer(model)
     x = torch.rand(batch, model.in_chans, image_size, image_size, device=dev)
