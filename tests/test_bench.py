@@ -185,8 +185,8 @@ def test_scale_counts_the_optimizer_state_and_plans_per_rank():
     from lipnext.bench.scale import full_width, plan
     fw = full_width(16, 1)
     # X, G, NAdam's two moments, Lookahead's slow weights and step sum (6 fp32 per parameter),
-    # and two fp32 scalars (step, mu_product) for the 16 x 16 matrix
-    assert fw["persistent_bytes_per_param"] == 24.0 + 8 / 256 and fw["flops_per_matrix"] > 0
+    # two fp32 scalars (step, mu_product) and the four of the rotation plan for the 16 x 16 matrix
+    assert fw["persistent_bytes_per_param"] == 24.0 + (8 + 16) / 256 and fw["flops_per_matrix"] > 0
     one = plan("m", 2, fw, 1, "replicated", "fp32")
     fsdp = plan("m", 2, fw, 4, "fsdp", "fp32")
     assert one["persistent_B_per_param"] == 24.0 and fsdp["persistent_B_per_param"] == 6.0

@@ -110,11 +110,21 @@ def test_meta_build_initialised_in_place_is_orthogonal_and_deterministic():
     assert torch.isfinite(a(x)).all() and a.lipschitz_bound() < 1 + 1e-5
 
 
-def test_owner_only_initialisation_leaves_the_others_for_the_owner():
+def test_owner_only_initialisation_leaves_the_others_for_the_owner(monkeypatch):
+    import lipnext.nn.orthogonal as orthogonal
+    drawn = []
+    real = orthogonal.random_orthogonal
+
+    def counted(n, generator=None, dtype=torch.float32):
+        drawn.append(n)
+        return real(n, generator, dtype)
     info = DistInfo(rank=1, world_size=2, strategy="ddp")
-    model = build_model("lipnext_l4w64", info, torch.device("cpu"), 3, num_classes=10,
-                        in_chans=3, image_size=8, depth=2, width=16)
     whole = build_model("lipnext_l4w64", DistInfo(), torch.device("cpu"), 3, num_classes=10,
                         in_chans=3, image_size=8, depth=2, width=16)
+    monkeypatch.setattr(orthogonal, "random_orthogonal", counted)
+    model = build_model("lipnext_l4w64", info, torch.device("cpu"), 3, num_classes=10,
+                        in_chans=3, image_size=8, depth=2, width=16)
+    assert len(drawn) == 2                               # rank 1 draws only the two it owns
     for k, (p, q) in enumerate(zip(_orthogonal(model), _orthogonal(whole))):
-        assert torch.equal(p, q) == (k % 2 == 1)       # rank 1 owns matrices 1 and 3
+        if k % 2 == 1:                                   # rank 1 owns matrices 1 and 3
+            assert torch.equal(p, q)
