@@ -35,6 +35,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", type=_csv, default=["fp32"], help="fp32,bf16 (bf16 = autocast)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per measurement (default 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="measure every row this many times over; each figure is reported as the "
+                        "median with its min-max (default 3; not for --race)")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (default)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--peak-tflops", type=float, default=None,
@@ -175,8 +178,8 @@ def _threads(n: int | None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.batch < 1 or args.steps < 1 or args.warmup < 0:
-        raise ValueError("--batch and --steps must be >= 1 and --warmup >= 0")
+    if args.batch < 1 or args.steps < 1 or args.warmup < 0 or args.repeats < 1:
+        raise ValueError("--batch, --steps and --repeats must be >= 1 and --warmup >= 0")
     _threads(args.threads)
     out = Path(args.out)
     if args.race:
@@ -192,12 +195,12 @@ def run(args: argparse.Namespace) -> int:
     if args.orthogonal:
         from ..bench.orthogonal import run_orthogonal
         md = run_orthogonal(args.sizes, out, methods=args.methods, steps=args.steps,
-                            warmup=args.warmup, device=args.device)
+                            warmup=args.warmup, device=args.device, repeats=args.repeats)
     else:
         from ..bench.models import run_model_bench
         md = run_model_bench(args.models, out, batch=args.batch, image_size=args.image_size,
                              num_classes=args.num_classes, dtypes=args.dtype, steps=args.steps,
                              warmup=args.warmup, device=args.device, peak_tflops=args.peak_tflops,
-                             threads=args.threads)
+                             threads=args.threads, repeats=args.repeats)
     print(md)
     return 0
