@@ -31,6 +31,7 @@ from ..engine.distributed import DistInfo, build_model
 from ..io import atomic_write
 from ..losses import emma_loss
 from ..models.base import CertifiableModel
+from ..models.lipnext import LipNeXtBlock, compile_mode, compiles, set_compile
 from ..optim import build_optimizer
 from .results import run_facts, spread, summarize, write_results
 from .timing import (median, peak_rss_bytes, peak_tflops, resolve_device, rss_bytes, synchronize,
@@ -41,10 +42,18 @@ __all__ = ["bench_model", "measure_model", "run_model_bench", "bench_table"]
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
-def _count_flops(fn: Callable[[], object]) -> int:
+def _count_flops(fn: Callable[[], object], model: torch.nn.Module) -> int:
+    """FLOPs of one call of fn, with ``model``'s blocks eager (the counter does not see inside
+    compiled code)."""
+    modes = {b: b.compile_mode for b in model.modules() if isinstance(b, LipNeXtBlock)}
+    set_compile(model, False)
     counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
+    try:
+        with counter:
+            fn()
+    finally:
+        for block, mode in modes.items():
+            block.compile_mode = mode
     return int(counter.get_total_flops())
 
 
@@ -56,9 +65,10 @@ def bench_model(name: str, device: torch.device, seed: int = 0, **kwargs: Any) -
     return build_model(name, DistInfo(), device, seed, **kwargs)
 
 
-def _setup(name: str, batch: int, image_size: int, num_classes: int, dev: torch.device, amp):
+def _setup(name: str, batch: int, image_size: int, num_classes: int, dev: torch.device, amp,
+           compiled: bool | str = "auto"):
     """Model, optimizer, a random batch, and a closure running forward + EMMA + backward."""
-    model = bench_model(name, dev, num_classes=num_classes, image_size=image_size)
+    model = set_compile(bench_model(name, dev, num_classes=num_classes, image_size=image_size), compiled)
     model.validate_inputs = False
     opt = build_optimizer(model)
     x = torch.rand(batch, model.in_chans, image_size, image_size, device=dev)
@@ -76,8 +86,12 @@ def _setup(name: str, batch: int, image_size: int, num_classes: int, dev: torch.
 
 def measure_model(name: str, batch: int = 128, image_size: int = 32, num_classes: int = 10,
                   dtype: str = "fp32", steps: int = 5, warmup: int = 2, device: str = "auto",
-                  peak: float | None = None, threads: int | None = None) -> dict[str, Any]:
-    """Measure one model at one dtype in this process (see the module docstring)."""
+                  peak: float | None = None, threads: int | None = None,
+                  compiled: bool | str = "auto", rss_baseline: bool = True) -> dict[str, Any]:
+    """Measure one model at one dtype in this process (see the module docstring); ``compiled``:
+    whether its LipNeXt blocks run torch.compiled (``set_compile``: auto = on CUDA; FLOPs are
+    counted on the eager blocks, the same arithmetic, which the counter sees). ``rss_baseline``
+    (CPU): first take a step of a batch-of-2 copy, so that peak memory counts this model alone."""
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use fp32 or bf16")
     if threads:
@@ -85,16 +99,16 @@ def measure_model(name: str, batch: int = 128, image_size: int = 32, num_classes
     dev = resolve_device(device)
     amp = (torch.autocast(dev.type, dtype=DTYPES[dtype]) if DTYPES[dtype] is not None
            else nullcontext())
-    if dev.type == "cpu":
+    if dev.type == "cpu" and rss_baseline:
         # A first step on a batch of 2 pages in the code and one-off buffers of every
         # kernel used, so that the RSS baseline below does not count them.
-        first_backward, _, first_opt, _ = _setup(name, 2, image_size, num_classes, dev, amp)
+        first_backward, _, first_opt, _ = _setup(name, 2, image_size, num_classes, dev, amp, compiled)
         first_backward()
         first_opt.step()
         del first_backward, first_opt
         gc.collect()
     rss0 = rss_bytes()
-    backward, model, opt, x = _setup(name, batch, image_size, num_classes, dev, amp)
+    backward, model, opt, x = _setup(name, batch, image_size, num_classes, dev, amp, compiled)
     opt_times: list[float] = []
 
     def train_step():
@@ -117,10 +131,10 @@ def measure_model(name: str, batch: int = 128, image_size: int = 32, num_classes
     opt_s = median(opt_times[warmup:])
     peak_mem = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda"
                 else peak_rss_bytes() - rss0)
-    train_flops = _count_flops(train_step)
+    train_flops = _count_flops(train_step, model)
     model.eval()
     infer_times = time_calls(infer, steps, warmup, dev)
-    infer_flops = _count_flops(infer)
+    infer_flops = _count_flops(infer, model)
     step_s = median(step_times)
     achieved = train_flops / step_s
     peak_tf = peak_tflops(dev, peak)
@@ -137,6 +151,7 @@ def measure_model(name: str, batch: int = 128, image_size: int = 32, num_classes
         "train_flops": train_flops, "infer_flops": infer_flops, "achieved_flops": achieved,
         "peak_tflops": peak_tf, "mfu": achieved / (peak_tf * 1e12) if peak_tf else None,
         "step_runs": len(step_times), "lipschitz": model.lipschitz_bound(),
+        "compiled": compiles(compile_mode(compiled), dev),
     }
 
 

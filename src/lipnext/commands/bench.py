@@ -3,7 +3,8 @@ LipNeXt measured in the same run), the orthogonal-update comparison (``--orthogo
 and the wall-clock budget race (``--race``). Named benchmarks: ``lipnext bench step``
 (the training step against an unconstrained twin), ``exp`` (FastExp and the manifold step),
 ``scale`` (the optimizer per rank at 1B and 2B), ``fsdp-memory`` (per-rank memory under
-FSDP) and ``baselines`` (the runs behind the baseline tables)."""
+FSDP), ``baselines`` (the runs behind the baseline tables) and ``gpu`` (the GPU check: every
+CUDA default validated, then the paper's headline figures measured, in a fixed budget)."""
 from __future__ import annotations
 
 import argparse
@@ -64,6 +65,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _add_scale(names)
     _add_fsdp_memory(names)
     _add_baselines(names)
+    _add_gpu(names)
+
+
+def _add_gpu(names: argparse._SubParsersAction) -> None:
+    what = ("the GPU check: validation (numerics, compile, training with every CUDA default, "
+            "pytest -m gpu), then measurement (L32W1024, the optimizer, 1B, 2B on one GPU), each "
+            "stage in its own process, within --budget seconds (docs/BENCHMARKS.md, GPU check)")
+    p = names.add_parser("gpu", help=what, description=what)
+    p.add_argument("--budget", type=float, default=470.0,
+                   help="seconds for all stages together (default 470: 8 minutes with start-up)")
+    p.add_argument("--smoke", action="store_true", help="every stage at tiny sizes on the CPU")
+    p.add_argument("--stages", type=_csv, default=None,
+                   help="only these stages, in this order (default: all; e.g. for a rerun)")
+    p.add_argument("--out", default="runs/gpu", help="where gpu.json and gpu.md go (default runs/gpu)")
+    p.set_defaults(func=_run_gpu)
+
+
+def _run_gpu(args: argparse.Namespace) -> int:
+    from ..bench.gpu import run_gpu_check
+    rc = run_gpu_check(args.out, args.budget, args.smoke, args.stages)
+    print(f"wrote {Path(args.out) / 'gpu.json'} and {Path(args.out) / 'gpu.md'}")
+    return rc
 
 
 def _add_step(names: argparse._SubParsersAction) -> None:
