@@ -52,7 +52,7 @@ STAGES = (
           "drift over 1,000 steps per precision, Newton-Schulz, bound and certificates = the CPU's"),
     Stage("compile", "gpu_checks:stage_compile", 75, "compiled = eager (fp32, bf16), no recompilation "
           "storm, activation checkpointing around compiled blocks"),
-    Stage("train", "gpu_runs:stage_train", 100, "lipnext train with every CUDA default; SIGKILL and an "
+    Stage("train", "gpu_runs:stage_train", 120, "lipnext train with every CUDA default; SIGKILL and an "
           "exact resume"),
     Stage("tests", "gpu_runs:stage_tests", 45, "pytest -m gpu"),
     Stage("l32w1024", "gpu_measure:stage_l32w1024", 60, "L32W1024 at 256 images: images/s, MFU, bytes "

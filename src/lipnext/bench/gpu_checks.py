@@ -98,18 +98,17 @@ def _products(ctx: StageContext, dev: torch.device) -> None:
 
 
 def _fast_exp(ctx: StageContext, dev: torch.device) -> None:
-    """FastExp on the device against float64 matrix_exp on the CPU, at later-step norms
-    (||U||_F = 3e-4 C) and a Lookahead rotation's (7.5e-4 C), per precision: error <= 1e-5 +
-    8 u_op theta (the low-precision operands' share)."""
+    """FastExp on the device against float64 matrix_exp, at later-step norms (||U||_F = 3e-4 C)
+    and a Lookahead rotation's (7.5e-4 C), per precision: error <= 1e-5 + 8 u_op ||U||_F (the
+    low-precision operands' share; ||U||_F >= ||U||_2)."""
     with ctx.part("fast_exp") as out:
         for c in ctx.size((1024, 4096), (32, 64)):
             for norm in (3e-4 * c, 7.5e-4 * c):
                 a = _skew(c, norm, dev, seed=c)
-                want = torch.linalg.matrix_exp(a.double().cpu()) - torch.eye(c, dtype=torch.float64)
-                theta = float(torch.linalg.matrix_norm(a.double().cpu(), ord=2))
+                want = torch.linalg.matrix_exp(a.double()) - torch.eye(c, dtype=torch.float64, device=dev)
                 for name in ("fp32", "tf32", "bf16"):
-                    err = float((fast_expm1(a, name, skew=True).double().cpu() - want).abs().max())
-                    tol = 1e-5 + 8 * product(name, dev).operand_u * theta
+                    err = float((fast_expm1(a, name, skew=True).double() - want).abs().max())
+                    tol = 1e-5 + 8 * product(name, dev).operand_u * norm
                     out[f"C={c} |U|_F={norm:.2f} {name}"] = {"error": err, "tolerance": tol,
                                                              "plan": exp_plans(a, name, skew=True)[0]}
                     ctx.check(f"FastExp {name} C={c} ||U||_F={norm:.2f}", err <= tol,

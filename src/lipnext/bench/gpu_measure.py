@@ -90,11 +90,12 @@ def stage_optimizer(ctx: StageContext) -> None:
             seconds = median(time_calls(step, ctx.size(5, 2), 1, dev))
             flops = _counted(step)
             peak = peak_tflops(dev, kind=prec)
+            clipped = opt.clipped_rotations()
             ctx.record(**{f"C={c} {prec}": {
                 "matrices": k, "seconds_per_matrix": seconds / k, "TFLOP_per_matrix": flops / k / 1e12,
                 "computed_seconds_per_matrix (counted FLOPs at the datasheet peak)":
-                    flops / k / (peak * 1e12) if peak else None,
-                "clipped_rotations": opt.clipped_rotations()}})
+                    flops / k / (peak * 1e12) if peak else None, "clipped_rotations": clipped}})
+            ctx.check(f"no rotation outgrew its plan, C={c} {prec}", clipped == 0, f"{clipped} clipped")
             del xs, opt
             _free(dev)
 
@@ -150,21 +151,36 @@ def stage_1b(ctx: StageContext) -> None:
     del block_opt, tokens
     _free(dev)
     for checkpointing in (False, True):
+        label = f"whole step{' (checkpointing)' if checkpointing else ''}"
         if checkpointing:
             _enable_activation_checkpointing(model)
-        try:
-            step = _train_step(model, batch, image, dev, classes)
-            seconds = median(time_calls(step, ctx.size(3, 1), ctx.size(2, 1), dev))
-        except torch.cuda.OutOfMemoryError as err:
-            ctx.record(**{f"whole step{' (checkpointing)' if checkpointing else ''}": f"out of memory: {err}"[:300]})
-            _free(dev)
-            continue
+        figures = _measured_step(model, batch, image, dev, classes, ctx.size(3, 1), PAPER_1B_IMAGES_PER_GPU_S)
+        ctx.record(**{label: figures})
+        if isinstance(figures, dict):
+            break
+    ctx.check("a 1B step at 128 images fits one GPU", any(isinstance(ctx.results.get(k), dict) for k in
+              ("whole step", "whole step (checkpointing)")), "with or without activation checkpointing")
+
+
+def _measured_step(model: torch.nn.Module, batch: int, image: int, dev: torch.device, classes: int,
+                   repeats: int, paper_rate: float) -> dict | str:
+    """Seconds, images/s (and the share of the paper's per-GPU rate) and peak memory of training
+    steps at ``batch``, or "out of memory" (the memory is freed after the error is gone)."""
+    _free(dev)
+    try:
+        step = _train_step(model, batch, image, dev, classes)
+        seconds = median(time_calls(step, repeats, 1, dev))
+    except torch.cuda.OutOfMemoryError:
+        outcome: dict | str = "out of memory"
+    else:
         peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
-        ctx.record(**{f"whole step{' (checkpointing)' if checkpointing else ''}": {
-            "seconds": seconds, "images_per_s": batch / seconds,
-            "of_paper_rate": batch / seconds / PAPER_1B_IMAGES_PER_GPU_S,
-            "peak_memory": _bytes(peak) if peak else None}})
-        break
+        outcome = {"seconds": seconds, "images_per_s": batch / seconds, "of_paper_rate": batch / seconds / paper_rate,
+                   "peak_memory": _bytes(peak) if peak else None,
+                   "peak_bytes_per_param": peak / sum(p.numel() for p in model.parameters()) if peak else None}
+    model.zero_grad(set_to_none=True)
+    step = None                      # the optimizer and its state go before the memory is freed
+    _free(dev)
+    return outcome
 
 
 def stage_2b(ctx: StageContext) -> None:
@@ -179,7 +195,7 @@ def stage_2b(ctx: StageContext) -> None:
     fits, fails, tries = 0, None, {}
     batch = ctx.size(32, 2)
     while batch and batch <= cap:
-        outcome = _try_batch(model, batch, image, dev, classes)
+        outcome = _measured_step(model, batch, image, dev, classes, 1, PAPER_2B_IMAGES_PER_GPU_S)
         tries[batch] = outcome
         ctx.record(tries=tries)
         if isinstance(outcome, dict):
@@ -194,23 +210,5 @@ def stage_2b(ctx: StageContext) -> None:
     ctx.record(largest_batch=fits, at_largest=best)
     if dev.type == "cuda":
         total = torch.cuda.get_device_properties(dev).total_memory
-        ctx.check("2B trains on one GPU", fits >= 1, f"largest batch {fits} of {_bytes(total)}; "
-                  f"peak {best.get('peak_memory')}")
-
-
-def _try_batch(model: torch.nn.Module, batch: int, image: int, dev: torch.device,
-               classes: int) -> dict | str:
-    """One measured training step at ``batch``: its time and peak memory, or "out of memory"."""
-    _free(dev)
-    try:
-        step = _train_step(model, batch, image, dev, classes)
-        seconds = median(time_calls(step, 1, 1, dev))
-    except torch.cuda.OutOfMemoryError:
-        return "out of memory"
-    finally:
-        model.zero_grad(set_to_none=True)
-    peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
-    return {"seconds": seconds, "images_per_s": batch / seconds,
-            "of_paper_rate": batch / seconds / PAPER_2B_IMAGES_PER_GPU_S,
-            "peak_memory": _bytes(peak) if peak else None,
-            "peak_bytes_per_param": peak / sum(p.numel() for p in model.parameters()) if peak else None}
+        ctx.check("2B trains on one GPU", fits >= 1, f"largest batch {fits} on {_bytes(total)}; "
+                  f"peak {best.get('peak_memory') if isinstance(best, dict) else best}")

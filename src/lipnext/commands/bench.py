@@ -102,7 +102,7 @@ def _add_step(names: argparse._SubParsersAction) -> None:
     p.add_argument("--exp-norms", type=float, nargs="*", default=[2.0, 4.0])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the LipNeXt blocks (LipNeXtBlock.compiled = True; twin eager)")
+                   help="torch.compile the LipNeXt blocks (lipnext.models.set_compile; twin eager)")
     p.add_argument("--json", metavar="PATH")
     p.set_defaults(func=_run_step)
 
