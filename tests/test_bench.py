@@ -236,21 +236,30 @@ def test_summaries_give_the_median_and_the_range_of_every_figure():
     assert spread(b, "step_s", "{:.1f}".format) == "5.0"
 
 
-def test_cli_bench_repeats_report_medians_and_ranges(tmp_path, capsys):
-    """Each row measured --repeats times, in fresh processes; the table and the JSON give the
-    median and the min-max of every figure (single runs on a shared machine are not enough)."""
-    out = tmp_path / "models"
-    assert main(["bench", "--models", "lipnext_l4w64", "--batch", "2", "--image-size", "8", "--steps", "1",
-                 "--warmup", "0", "--repeats", "2", "--device", "cpu", "--out", str(out)]) == 0
-    data = json.loads((out / "bench.json").read_text())
-    row, = data["results"]
-    assert data["repeats"] == 2 and row["repeats"] == 2 and len(data["runs"]) == 2
-    lo, hi = row["step_s_range"]
-    assert lo <= row["step_s"] <= hi and sorted(r["step_s"] for r in data["runs"]) == [lo, hi]
-    assert row["train_flops_range"][0] == row["train_flops_range"][1]      # counted, not timed
-    table = capsys.readouterr().out
+def test_bench_repeats_report_medians_and_ranges(tmp_path, capsys):
+    """Each row measured --repeats times (in fresh processes from the CLI); the table and the
+    JSON give the median and the min-max of every figure (single runs on a shared machine are
+    not enough), the ratios taken within each repeat."""
+    from lipnext.bench.models import run_model_bench
     from lipnext.bench.results import spread
+    out = tmp_path / "models"
+    table = run_model_bench(["lipnext_l4w64", "liresnet_l7w64"], out, batch=2, image_size=8, steps=1, warmup=0,
+                            device="cpu", isolate=False, repeats=2, log=lambda s: None)
+    data = json.loads((out / "bench.json").read_text())
+    row, other = data["results"]
+    assert data["repeats"] == 2 and row["repeats"] == 2 and len(data["runs"]) == 4
+    lo, hi = row["step_s_range"]
+    assert lo <= row["step_s"] <= hi and sorted(r["step_s"] for r in data["runs"][::2]) == [lo, hi]
+    assert row["train_flops_range"][0] == row["train_flops_range"][1]      # counted, not timed
+    ratios = sorted(b["step_s"] / a["step_s"] for a, b in zip(data["runs"][::2], data["runs"][1::2]))
+    assert other["step_x_range"] == ratios and row["step_x"] == 1.0
     assert "Median of 2 of 2 repeats" in table and spread(row, "step_s", lambda v: f"{1e3 * v:.1f}") in table
+    assert main(["bench", "--orthogonal", "--sizes", "8", "--methods", "fast_exp", "--steps", "1",
+                 "--warmup", "0", "--repeats", "3", "--out", str(tmp_path / "orth")]) == 0
+    data = json.loads((tmp_path / "orth" / "orthogonal.json").read_text())
+    assert data["results"][0]["repeats"] == 3 and len(data["runs"]) == 3
+    assert main(["bench", "--repeats", "0", "--out", str(tmp_path)]) == 2
+    assert "--repeats must be >= 1" in capsys.readouterr().err
     assert main(["bench", "--orthogonal", "--sizes", "8", "--methods", "fast_exp", "--steps", "1",
                  "--warmup", "0", "--repeats", "3", "--out", str(tmp_path / "orth")]) == 0
     data = json.loads((tmp_path / "orth" / "orthogonal.json").read_text())

@@ -50,7 +50,7 @@ def test_a_stage_past_the_deadline_is_stopped_and_one_without_time_skipped(tmp_p
 
     from lipnext.bench.gpu import _run_stage, _stage, run_gpu_check
     t0 = time.monotonic()
-    row = _run_stage(_stage("train"), tmp_path, smoke=True, timeout=8)
+    row = _run_stage(_stage("train"), tmp_path, smoke=True, timeout=5)
     assert row["status"] == "timed out" and time.monotonic() - t0 < 30
     assert run_gpu_check(tmp_path, budget=5, smoke=True, stages=["env", "numerics"], log=lambda s: None) == 1
     report = json.loads((tmp_path / "gpu.json").read_text())
