@@ -26,6 +26,7 @@ from ..nn import random_orthogonal
 from ..ops.exp import exp_plans, fast_expm1
 from ..ops.precision import product
 from ..optim import exp_update, polar_retract
+from .exp import nadam_like_step
 from .gpu_context import StageContext
 from .models import bench_model
 from .timing import median, peak_tflops, time_calls
@@ -62,21 +63,12 @@ def stage_env(ctx: StageContext) -> None:
         ctx.record(gemm=rates)
 
 
-def _skew(c: int, norm: float, dev: torch.device, seed: int) -> torch.Tensor:
-    """A NAdam-like skew step (signs of a rank-2 + noise matrix) with ||.||_F = norm, on dev."""
-    g = torch.Generator(dev).manual_seed(seed)
-    u, v = torch.randn(c, 2, generator=g, device=dev), torch.randn(c, 2, generator=g, device=dev)
-    grad = u @ v.T + 0.3 * torch.randn(c, c, generator=g, device=dev)
-    d = torch.sign(grad - grad.T)
-    return d * (norm / torch.linalg.matrix_norm(d))
-
-
 def stage_numerics(ctx: StageContext) -> None:
     dev, cpu = ctx.device, torch.device("cpu")
     _products(ctx, dev)
     _fast_exp(ctx, dev)
     _drift(ctx, dev)
-    _retraction(ctx, dev, cpu)
+    _retraction(ctx, dev)
     _certificates(ctx, dev, cpu)
 
 
@@ -104,7 +96,7 @@ def _fast_exp(ctx: StageContext, dev: torch.device) -> None:
     with ctx.part("fast_exp") as out:
         for c in ctx.size((1024, 4096), (32, 64)):
             for norm in (3e-4 * c, 7.5e-4 * c):
-                a = _skew(c, norm, dev, seed=c)
+                a = nadam_like_step(c, norm, seed=c, device=dev)
                 want = torch.linalg.matrix_exp(a.double()) - torch.eye(c, dtype=torch.float64, device=dev)
                 for name in ("fp32", "tf32", "bf16"):
                     err = float((fast_expm1(a, name, skew=True).double() - want).abs().max())
@@ -125,7 +117,7 @@ def _drift(ctx: StageContext, dev: torch.device) -> None:
             start = last = float((x.double().T @ x.double() - eye).abs().max())
             worst = 0.0
             for t in range(steps):
-                x = exp_update(x, _skew(c, 3e-4 * c, dev, seed=t), precision=name, skew=True)
+                x = exp_update(x, nadam_like_step(c, 3e-4 * c, seed=t, device=dev), precision=name, skew=True)
                 if t % 10 == 9 or t == steps - 1:       # growth per step, over blocks of 10
                     now = float((x.double().T @ x.double() - eye).abs().max())
                     worst, last = max(worst, (now - last) / 10), now
@@ -136,7 +128,7 @@ def _drift(ctx: StageContext, dev: torch.device) -> None:
                       f"per step <= {worst:.2e} (<= {_DRIFT_STEP:g})")
 
 
-def _retraction(ctx: StageContext, dev: torch.device, cpu: torch.device) -> None:
+def _retraction(ctx: StageContext, dev: torch.device) -> None:
     """Newton–Schulz on the device against the float64 SVD polar factor on the CPU."""
     c = ctx.size(1024, 48)
     g = torch.Generator().manual_seed(2)

@@ -56,11 +56,12 @@ def stage_train(ctx: StageContext) -> None:
         t0 = time.perf_counter()
         proc = _run(_lipnext("train", *_TRAIN, *extra, f"run_dir={whole}"), timeout=600)
         ctx.record(uninterrupted_s=time.perf_counter() - t0, banner=proc.stdout.splitlines()[:2])
-        killed_at = _kill_after_checkpoint(_lipnext("train", *_TRAIN, *extra, f"run_dir={resumed}"),
-                                           resumed / "checkpoints" / f"step_{_KILL_AFTER:08d}")
+        killed_at, stderr = _kill_after_checkpoint(_lipnext("train", *_TRAIN, *extra, f"run_dir={resumed}"),
+                                                   resumed / "checkpoints" / f"step_{_KILL_AFTER:08d}")
         ctx.record(killed_after_step=killed_at)
         if not ctx.check("killed mid-run", killed_at is not None and killed_at < len(_losses(whole)),
                          f"SIGKILL after step {killed_at} of {len(_losses(whole))}"):
+            ctx.record(stderr_of_the_killed_run=stderr)
             return
         _run(_lipnext("train", "--config", str(resumed / "config.yaml"), "--resume"), timeout=600)
         a, b = load_file(str(whole / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
@@ -80,24 +81,28 @@ def _defaults_on_cuda(banner: str) -> bool:
     return "cuda" in banner and "bf16" in banner
 
 
-def _kill_after_checkpoint(cmd: list[str], checkpoint: Path, timeout: float = 600) -> int | None:
-    """Start ``cmd``, SIGKILL it as soon as ``checkpoint`` exists; the last step it logged, or
-    None if it ended first."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
-    deadline = time.monotonic() + timeout
-    try:
-        while proc.poll() is None and time.monotonic() < deadline:
-            if checkpoint.is_dir():
-                os.kill(proc.pid, signal.SIGKILL)
+def _kill_after_checkpoint(cmd: list[str], checkpoint: Path, timeout: float = 600) -> tuple[int | None, str]:
+    """Start ``cmd``, SIGKILL it as soon as ``checkpoint`` exists: (the last step it logged, or
+    None if it ended first; the end of its stderr)."""
+    log = checkpoint.parents[2] / f"{checkpoint.parents[1].name}.stderr"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=os.environ.copy())
+        deadline = time.monotonic() + timeout
+        killed_at = None
+        try:
+            while proc.poll() is None and time.monotonic() < deadline:
+                if checkpoint.is_dir():
+                    os.kill(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    steps = read_metrics(checkpoint.parents[1] / "metrics.jsonl")
+                    killed_at = max(r["step"] for r in steps if r["kind"] == "train")
+                    break
+                time.sleep(0.01)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
                 proc.wait()
-                steps = read_metrics(checkpoint.parents[1] / "metrics.jsonl")
-                return max(r["step"] for r in steps if r["kind"] == "train")
-            time.sleep(0.01)
-        return None
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    return killed_at, log.read_text()[-2000:]
 
 
 def stage_tests(ctx: StageContext) -> None:
