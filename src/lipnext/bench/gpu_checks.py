@@ -147,7 +147,8 @@ def _certificates(ctx: StageContext, dev: torch.device, cpu: torch.device) -> No
     on each): the same predictions, bounds and radii to float64 rounding."""
     model = bench_model(ctx.size("lipnext_l8w128", "lipnext_l4w64"), cpu, image_size=32)
     g = torch.Generator().manual_seed(3)
-    x, y = torch.rand(ctx.size(256, 16), 3, 32, 32, generator=g), torch.randint(0, 10, (ctx.size(256, 16),), generator=g)
+    n = ctx.size(256, 16)
+    x, y = torch.rand(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
     here = certify(model, x, y)
     model.to(dev)
     there = certify(model, x.to(dev), y.to(dev))
@@ -168,7 +169,8 @@ def stage_compile(ctx: StageContext) -> None:
     model = bench_model(name, dev, image_size=32)
     model.validate_inputs = False
     g = torch.Generator(dev).manual_seed(4)
-    x, y = torch.rand(batch, 3, 32, 32, device=dev, generator=g), torch.randint(0, 10, (batch,), device=dev, generator=g)
+    x = torch.rand(batch, 3, 32, 32, device=dev, generator=g)
+    y = torch.randint(0, 10, (batch,), device=dev, generator=g)
     lip = model.lipschitz_bound()
 
     def outputs(amp: bool) -> list[torch.Tensor]:

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import gc
-import math
 import time
 from collections.abc import Callable
 
@@ -74,30 +73,34 @@ def _counted(fn: Callable[[], object]) -> float:
 
 
 def stage_optimizer(ctx: StageContext) -> None:
-    dev = ctx.device
     for c in ctx.size((1024, 4096, 5792), (16, 32, 48)):
-        k = ctx.size(8 if c <= 4096 else 3, 2)
         for prec in ("fp32", "tf32", "bf16"):
-            g = torch.Generator(dev).manual_seed(c)
-            xs = [mark_lie_gradient(OrthogonalParameter(random_orthogonal(c).to(dev))) for _ in range(k)]
-            opt = ManifoldAdam(xs, lr=1e-3, nesterov=True, lookahead_k=5, precision=prec)
-
-            def step() -> None:
-                for x in xs:
-                    x.grad = 1e-3 * torch.randn(c, c, device=dev, generator=g)
-                opt.step()
-            step()                                              # the plans' refresh
-            seconds = median(time_calls(step, ctx.size(5, 2), 1, dev))
-            flops = _counted(step)
-            peak = peak_tflops(dev, kind=prec)
-            clipped = opt.clipped_rotations()
-            ctx.record(**{f"C={c} {prec}": {
-                "matrices": k, "seconds_per_matrix": seconds / k, "TFLOP_per_matrix": flops / k / 1e12,
-                "computed_seconds_per_matrix (counted FLOPs at the datasheet peak)":
-                    flops / k / (peak * 1e12) if peak else None, "clipped_rotations": clipped}})
+            figures = _optimizer_step(ctx.device, c, ctx.size(8 if c <= 4096 else 3, 2), prec, ctx.size(5, 2))
+            ctx.record(**{f"C={c} {prec}": figures})
+            clipped = figures["clipped_rotations"]
             ctx.check(f"no rotation outgrew its plan, C={c} {prec}", clipped == 0, f"{clipped} clipped")
-            del xs, opt
-            _free(dev)
+            _free(ctx.device)
+
+
+def _optimizer_step(dev: torch.device, c: int, k: int, prec: str, repeats: int) -> dict:
+    """One ManifoldAdam step on k C x C matrices (NAdam, Lookahead, Lie-form gradients) with
+    ``prec`` products: seconds and counted TFLOP per matrix, and the time at the datasheet peak."""
+    g = torch.Generator(dev).manual_seed(c)
+    xs = [mark_lie_gradient(OrthogonalParameter(random_orthogonal(c).to(dev))) for _ in range(k)]
+    opt = ManifoldAdam(xs, lr=1e-3, nesterov=True, lookahead_k=5, precision=prec)
+
+    def step() -> None:
+        for x in xs:
+            x.grad = 1e-3 * torch.randn(c, c, device=dev, generator=g)
+        opt.step()
+    step()                                                  # the plans' refresh
+    seconds = median(time_calls(step, repeats, 1, dev))
+    flops = _counted(step)
+    peak = peak_tflops(dev, kind=prec)
+    return {"matrices": k, "seconds_per_matrix": seconds / k, "TFLOP_per_matrix": flops / k / 1e12,
+            "computed_seconds_per_matrix (counted FLOPs at the datasheet peak)":
+                flops / k / (peak * 1e12) if peak else None,
+            "clipped_rotations": opt.clipped_rotations()}
 
 
 def _free(dev: torch.device) -> None:
@@ -135,20 +138,8 @@ def stage_1b(ctx: StageContext) -> None:
     ctx.record(model=name, batch=batch, build_s=time.perf_counter() - t0,
                params=sum(p.numel() for p in model.parameters()),
                paper_images_per_gpu_s=PAPER_1B_IMAGES_PER_GPU_S)
-    block = model.blocks[0]
-    tokens = torch.randn(batch, image // model.patch_size, image // model.patch_size, model.cfg.width,
-                         device=dev, requires_grad=True)
-    block_opt = build_optimizer(block)
-
-    def block_step() -> None:
-        with torch.autocast(dev.type, dtype=torch.bfloat16):
-            out = block(tokens)
-        block_opt.zero_grad(set_to_none=True)
-        out.float().square().mean().backward()
-        block_opt.step()
-    seconds = median(time_calls(block_step, ctx.size(5, 1), ctx.size(3, 1), dev))
-    ctx.record(one_block_step_s=seconds)
-    del block_opt, tokens
+    ctx.record(one_block_step_s=_block_step(model.blocks[0], batch, image // model.patch_size,
+                                            model.cfg.width, dev, ctx.size(5, 1)))
     _free(dev)
     for checkpointing in (False, True):
         label = f"whole step{' (checkpointing)' if checkpointing else ''}"
@@ -160,6 +151,21 @@ def stage_1b(ctx: StageContext) -> None:
             break
     ctx.check("a 1B step at 128 images fits one GPU", any(isinstance(ctx.results.get(k), dict) for k in
               ("whole step", "whole step (checkpointing)")), "with or without activation checkpointing")
+
+
+def _block_step(block: torch.nn.Module, batch: int, grid: int, width: int, dev: torch.device,
+                repeats: int) -> float:
+    """Seconds of one block's bf16 forward, backward (also into its input) and update."""
+    tokens = torch.randn(batch, grid, grid, width, device=dev, requires_grad=True)
+    opt = build_optimizer(block)
+
+    def step() -> None:
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            out = block(tokens)
+        opt.zero_grad(set_to_none=True)
+        out.float().square().mean().backward()
+        opt.step()
+    return median(time_calls(step, repeats, 3, dev))
 
 
 def _measured_step(model: torch.nn.Module, batch: int, image: int, dev: torch.device, classes: int,

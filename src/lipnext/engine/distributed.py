@@ -16,8 +16,6 @@ QR factorisations of 5792 x 5792 on every rank's CPU.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
