@@ -55,11 +55,11 @@ STAGES = (
     Stage("train", "gpu_runs:stage_train", 120, "lipnext train with every CUDA default; SIGKILL and an "
           "exact resume"),
     Stage("tests", "gpu_runs:stage_tests", 45, "pytest -m gpu"),
-    Stage("l32w1024", "gpu_measure:stage_l32w1024", 60, "L32W1024 at 256 images: images/s, MFU, bytes "
+    Stage("l32w1024", "gpu_measure:stage_l32w1024", 90, "L32W1024 at 256 images: images/s, MFU, bytes "
           "per parameter, against the paper's implied rate"),
     Stage("optimizer", "gpu_measure:stage_optimizer", 40, "optimizer seconds per matrix per precision at "
           "C = 1024, 4096, 5792, against the counted FLOPs at peak"),
-    Stage("1b", "gpu_measure:stage_1b", 60, "L32W4096 at 128 images per GPU: one block's step and a "
+    Stage("1b", "gpu_measure:stage_1b", 80, "L32W4096 at 128 images per GPU: one block's step and a "
           "whole step"),
     Stage("2b", "gpu_measure:stage_2b", 90, "lipnext_2b on one GPU with checkpointing: the largest batch, "
           "its step time and peak memory"),
