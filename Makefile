@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 EXTRAS ?= demo,log,test,bench
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo shell test test-quick bench clean
+.PHONY: install demo shell test test-quick bench gpu-check clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,13 @@ test-quick: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/lipnext bench step
+
+# the GPU check (docs/BENCHMARKS.md, GPU check) on a machine with CUDA: its own torch, no venv;
+# omegaconf must be importable (there: pip install --no-deps --target, see the docs)
+GPU_OUT    ?= runs/gpu
+GPU_BUDGET ?= 470
+gpu-check:
+	PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) -m lipnext.cli bench gpu --out $(GPU_OUT) --budget $(GPU_BUDGET)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -17,7 +17,7 @@ from lipnext.nn.minmax import MinMax
 from lipnext.nn.stem import PositionalEncoding, SharedPositionalEncoding
 from lipnext.optim import ManifoldAdam, build_optimizer
 from lipnext.optim.exp_update import METHODS, exp_update
-from lipnext.rounding import scale
+from lipnext.rounding import scale as scale_step
 from lipnext.verify import empirical_lipschitz
 
 
@@ -219,7 +219,7 @@ class _Scale(nn.Module):
         return 1.0
 
     def rounding_steps(self, name: str) -> list:
-        return [scale(self.c, name=name)]
+        return [scale_step(self.c, name=name)]
 
 
 # ------------------------------------------------------------------ orthogonal update

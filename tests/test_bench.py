@@ -185,8 +185,8 @@ def test_scale_counts_the_optimizer_state_and_plans_per_rank():
     from lipnext.bench.scale import full_width, plan
     fw = full_width(16, 1)
     # X, G, NAdam's two moments, Lookahead's slow weights and step sum (6 fp32 per parameter),
-    # and two fp32 scalars (step, mu_product) for the 16 x 16 matrix
-    assert fw["persistent_bytes_per_param"] == 24.0 + 8 / 256 and fw["flops_per_matrix"] > 0
+    # two fp32 scalars (step, mu_product) and the four of the rotation plan for the 16 x 16 matrix
+    assert fw["persistent_bytes_per_param"] == 24.0 + (8 + 16) / 256 and fw["flops_per_matrix"] > 0
     one = plan("m", 2, fw, 1, "replicated", "fp32")
     fsdp = plan("m", 2, fw, 4, "fsdp", "fp32")
     assert one["persistent_B_per_param"] == 24.0 and fsdp["persistent_B_per_param"] == 6.0
@@ -223,3 +223,46 @@ def test_bench_device_errors_name_the_option(capsys):
         pytest.skip("a GPU is present")
     assert main(["bench", "exp", "--device", "cuda", "--sizes", "4", "--step-sizes", "4"]) == 2
     assert "--device cuda was asked for but no CUDA GPU is available" in capsys.readouterr().err
+
+
+def test_summaries_give_the_median_and_the_range_of_every_figure():
+    from lipnext.bench.results import spread, summarize
+    rows = [dict(model="a", dtype="fp32", step_s=s, mfu=None, params=7) for s in (3.0, 1.0, 2.0)]
+    rows.append(dict(model="b", dtype="fp32", step_s=5.0, mfu=None, params=9))
+    a, b = summarize(rows, ("model", "dtype"))
+    assert (a["step_s"], a["step_s_range"], a["repeats"], a["params"]) == (2.0, [1.0, 3.0], 3, 7)
+    assert a["mfu"] is None and b["repeats"] == 1
+    assert spread(a, "step_s", "{:.1f}".format) == "2.0 (1.0-3.0)"
+    assert spread(b, "step_s", "{:.1f}".format) == "5.0"
+
+
+def test_bench_repeats_report_medians_and_ranges(tmp_path, capsys):
+    """Each row measured --repeats times (in fresh processes from the CLI); the table and the
+    JSON give the median and the min-max of every figure (single runs on a shared machine are
+    not enough), the ratios taken within each repeat."""
+    from lipnext.bench.models import run_model_bench
+    from lipnext.bench.results import spread
+    out = tmp_path / "models"
+    table = run_model_bench(["lipnext_l4w64", "liresnet_l7w64"], out, batch=2, image_size=8, steps=1, warmup=0,
+                            device="cpu", isolate=False, repeats=2, log=lambda s: None)
+    data = json.loads((out / "bench.json").read_text())
+    row, other = data["results"]
+    assert data["repeats"] == 2 and row["repeats"] == 2 and len(data["runs"]) == 4
+    lo, hi = row["step_s_range"]
+    assert lo <= row["step_s"] <= hi and sorted(r["step_s"] for r in data["runs"][::2]) == [lo, hi]
+    assert row["train_flops_range"][0] == row["train_flops_range"][1]      # counted, not timed
+    ratios = sorted(b["step_s"] / a["step_s"] for a, b in zip(data["runs"][::2], data["runs"][1::2]))
+    assert other["step_x_range"] == ratios and row["step_x"] == 1.0
+    assert "Median of 2 of 2 repeats" in table and spread(row, "step_s", lambda v: f"{1e3 * v:.1f}") in table
+    assert main(["bench", "--orthogonal", "--sizes", "8", "--methods", "fast_exp", "--steps", "1",
+                 "--warmup", "0", "--repeats", "3", "--out", str(tmp_path / "orth")]) == 0
+    data = json.loads((tmp_path / "orth" / "orthogonal.json").read_text())
+    assert data["results"][0]["repeats"] == 3 and len(data["runs"]) == 3
+    assert main(["bench", "--repeats", "0", "--out", str(tmp_path)]) == 2
+    assert "--repeats must be >= 1" in capsys.readouterr().err
+    assert main(["bench", "--orthogonal", "--sizes", "8", "--methods", "fast_exp", "--steps", "1",
+                 "--warmup", "0", "--repeats", "3", "--out", str(tmp_path / "orth")]) == 0
+    data = json.loads((tmp_path / "orth" / "orthogonal.json").read_text())
+    assert data["results"][0]["repeats"] == 3 and len(data["runs"]) == 3
+    assert main(["bench", "--repeats", "0", "--out", str(tmp_path)]) == 2
+    assert "--repeats must be >= 1" in capsys.readouterr().err

@@ -11,6 +11,7 @@ from lipnext.ops.border_exp import MAX_BORDER, border_exp_update, border_widths
 from lipnext.ops.precision import product
 
 exp_update_module = importlib.import_module("lipnext.optim.exp_update")
+plans_module = importlib.import_module("lipnext.optim.plans")
 
 
 def border_skew(n, k, norm, batch=1, seed=0):
@@ -104,18 +105,20 @@ def test_the_patch_stem_is_updated_by_the_border_path_as_by_the_dense_one(monkey
     patches): the stem's steps take the border path and land where the dense FastExp path
     does; with orthogonal weight decay the step is dense and the border path is not taken."""
     taken = []
-    real = exp_update_module.border_widths
+    real = exp_update_module.border_exp_update
 
-    def spy(u):
-        widths = real(u)
-        taken.extend(k for k in widths if k is not None)
-        return widths
+    def spy(x, u, k, prec):
+        taken.append(k)
+        return real(x, u, k, prec)
+
+    monkeypatch.setattr(exp_update_module, "border_exp_update", spy)
 
     def train(border: bool, weight_decay: float = 0.0):
         torch.manual_seed(0)
         model = create_model("lipnext_l8w128", in_chans=1, image_size=32, width=256, depth=1)
-        monkeypatch.setattr(exp_update_module, "border_widths",
-                            spy if border else (lambda u: [None] * len(u)))
+        for module in (exp_update_module, plans_module):     # where the widths are read
+            monkeypatch.setattr(module, "border_widths",
+                                border_widths if border else (lambda u: [None] * len(u)))
         optimizer = build_optimizer(model, lr=1e-3, chunk_size=2)
         optimizer.param_groups[0]["orthogonal_weight_decay"] = weight_decay
         x, y = torch.rand(4, 1, 32, 32), torch.tensor([0, 1, 2, 3])

@@ -285,7 +285,7 @@ def test_state_dict_round_trip_is_bit_identical():
     opt2 = make_opt(params2, plain2)
     opt2.load_state_dict(saved)
     assert set(opt2.state[params2[0]]) == {"step", "mu_product", "exp_avg", "exp_avg_sq",
-                                           "slow", "lookahead_sum"}
+                                           "slow", "lookahead_sum", "exp_plan"}
 
     run_steps(opt, params, plain, targets, 8)
     run_steps(opt2, params2, plain2, targets, 8)

@@ -113,16 +113,18 @@ def test_meta_build_initialised_in_place_is_orthogonal_and_deterministic():
 def test_owner_only_initialisation_leaves_the_others_for_the_owner(monkeypatch):
     import lipnext.nn.orthogonal as orthogonal
     drawn = []
-    draw = orthogonal.random_orthogonal
-    monkeypatch.setattr(orthogonal, "random_orthogonal", lambda n, *a, **k: drawn.append(n) or draw(n, *a, **k))
+    real = orthogonal.random_orthogonal
+
+    def counted(n, generator=None, dtype=torch.float32):
+        drawn.append(n)
+        return real(n, generator, dtype)
     info = DistInfo(rank=1, world_size=2, strategy="ddp")
-    model = build_model("lipnext_l4w64", info, torch.device("cpu"), 3, num_classes=10,
-                        in_chans=3, image_size=8, depth=2, width=16)
-    owned = len(drawn)
     whole = build_model("lipnext_l4w64", DistInfo(), torch.device("cpu"), 3, num_classes=10,
                         in_chans=3, image_size=8, depth=2, width=16)
-    mats = list(zip(_orthogonal(model), _orthogonal(whole)))
-    assert owned == len(mats) // 2                       # the others are left uninitialised
-    for k, (p, q) in enumerate(mats):
+    monkeypatch.setattr(orthogonal, "random_orthogonal", counted)
+    model = build_model("lipnext_l4w64", info, torch.device("cpu"), 3, num_classes=10,
+                        in_chans=3, image_size=8, depth=2, width=16)
+    assert len(drawn) == 2                               # rank 1 draws only the two it owns
+    for k, (p, q) in enumerate(zip(_orthogonal(model), _orthogonal(whole))):
         if k % 2 == 1:                                   # rank 1 owns matrices 1 and 3
             assert torch.equal(p, q)

@@ -45,7 +45,7 @@ from .modes import evaluating, standard_numerics
 from .ops.registry import reference_only
 from .rounding import Step, program_lipschitz
 
-__all__ = ["NotCertifiable", "Float64Twin", "affine_of", "check_model", "float64_twin",
+__all__ = ["NotCertifiable", "Float64Twin", "affine_of", "check_model", "known_bounds", "float64_twin",
            "float64_twin_or_none", "head_program", "lipschitz_of", "same_function", "state_fingerprint",
            "steps_of", "trunk_program"]
 
@@ -57,6 +57,7 @@ _NEUTRAL = frozenset({"__init__", "__repr__", "extra_repr", "lipschitz_bound", "
 _SAME = "_lipnext_same_function"
 _COVERED: contextvars.ContextVar[set[int] | None] = contextvars.ContextVar("lipnext_covered", default=None)
 _PATH: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("lipnext_path", default=())
+_KNOWN: contextvars.ContextVar[dict[int, float]] = contextvars.ContextVar("lipnext_known", default={})
 
 
 class NotCertifiable(TypeError):
@@ -145,6 +146,18 @@ def steps_of(module: nn.Module, name: str) -> list[Step]:
     return list(module.rounding_steps(name))
 
 
+@contextmanager
+def known_bounds(bounds: dict[nn.Module, float]) -> Iterator[None]:
+    """Inside, ``lipschitz_of`` answers for these modules with the given bound (after the same
+    checks) instead of calling their ``lipschitz_bound()``: bounds computed elsewhere, as each
+    FSDP block's on the rank that holds it whole (``engine.distributed.lipschitz_bound``)."""
+    token = _KNOWN.set({id(m): float(v) for m, v in bounds.items()})
+    try:
+        yield
+    finally:
+        _KNOWN.reset(token)
+
+
 def lipschitz_of(module: nn.Module, name: str) -> float:
     """The ``lipschitz_bound()`` of ``module`` named ``name`` by its parent (its path in errors
     is the parents' names and its own), after checking that it declares a certificate. (A
@@ -159,7 +172,8 @@ def lipschitz_of(module: nn.Module, name: str) -> float:
         if type(module) is nn.Sequential:
             return math.prod(lipschitz_of(child, str(i)) for i, child in enumerate(module))
         _check_declared(module, path)
-        return float(module.lipschitz_bound())
+        known = _KNOWN.get().get(id(module))
+        return float(module.lipschitz_bound()) if known is None else known
     finally:
         _PATH.reset(token)
 

@@ -49,11 +49,12 @@ def bench_fast_exp(c: int, norm: float, repeats: int, device: torch.device) -> d
                 ours_ms=ours, reference="torch.linalg.matrix_exp", reference_ms=ref)
 
 
-def nadam_like_step(c: int, norm: float, seed: int = 0) -> torch.Tensor:
-    """A sign-like skew step (NAdam's m/sqrt(v) ~ +-1) of a rank-2 + noise gradient, ||.||_F = norm."""
-    g = torch.Generator().manual_seed(seed)
-    u, v = torch.randn(c, 2, generator=g), torch.randn(c, 2, generator=g)
-    grad = u @ v.T + 0.3 * torch.randn(c, c, generator=g)
+def nadam_like_step(c: int, norm: float, seed: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A sign-like skew step (NAdam's m/sqrt(v) ~ +-1) of a rank-2 + noise gradient, ||.||_F = norm,
+    drawn on ``device``."""
+    g = torch.Generator(device).manual_seed(seed)
+    u, v = torch.randn(c, 2, generator=g, device=device), torch.randn(c, 2, generator=g, device=device)
+    grad = u @ v.T + 0.3 * torch.randn(c, c, generator=g, device=device)
     d = torch.sign(grad - grad.T)
     return d * (norm / torch.linalg.matrix_norm(d))
 

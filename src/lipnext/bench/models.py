@@ -27,30 +27,48 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..engine.distributed import DistInfo, build_model
 from ..io import atomic_write
 from ..losses import emma_loss
-from ..models import create_model
+from ..models.base import CertifiableModel
+from ..models.lipnext import LipNeXtBlock, compile_mode, compiles, set_compile
 from ..optim import build_optimizer
-from .results import run_facts, write_results
+from .results import run_facts, spread, summarize, write_results
 from .timing import (median, peak_rss_bytes, peak_tflops, resolve_device, rss_bytes, synchronize,
                      time_calls)
 
-__all__ = ["measure_model", "run_model_bench", "bench_table"]
+__all__ = ["bench_model", "measure_model", "run_model_bench", "bench_table"]
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
-def _count_flops(fn: Callable[[], object]) -> int:
+def _count_flops(fn: Callable[[], object], model: torch.nn.Module) -> int:
+    """FLOPs of one call of fn, with ``model``'s blocks eager (the counter does not see inside
+    compiled code)."""
+    modes = {b: b.compile_mode for b in model.modules() if isinstance(b, LipNeXtBlock)}
+    set_compile(model, False)
     counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
+    try:
+        with counter:
+            fn()
+    finally:
+        for block, mode in modes.items():
+            block.compile_mode = mode
     return int(counter.get_total_flops())
 
 
-def _setup(name: str, batch: int, image_size: int, num_classes: int, dev: torch.device, amp):
+def bench_model(name: str, device: torch.device, seed: int = 0, **kwargs: Any) -> CertifiableModel:
+    """The named model on ``device`` as the trainer builds it (``engine.distributed.build_model``):
+    orthogonal matrices allocated on the meta device and drawn on ``device``, so a 1B or 2B
+    model on a GPU runs no float64 QR of 4096^2 or 5792^2 on the host."""
+    torch.manual_seed(seed)
+    return build_model(name, DistInfo(), device, seed, **kwargs)
+
+
+def _setup(name: str, batch: int, image_size: int, num_classes: int, dev: torch.device, amp,
+           compiled: bool | str = "auto"):
     """Model, optimizer, a random batch, and a closure running forward + EMMA + backward."""
-    torch.manual_seed(0)
-    model = create_model(name, num_classes=num_classes, image_size=image_size).to(dev)
+    model = set_compile(bench_model(name, dev, num_classes=num_classes, image_size=image_size), compiled)
     model.validate_inputs = False
     opt = build_optimizer(model)
     x = torch.rand(batch, model.in_chans, image_size, image_size, device=dev)
@@ -68,8 +86,12 @@ def _setup(name: str, batch: int, image_size: int, num_classes: int, dev: torch.
 
 def measure_model(name: str, batch: int = 128, image_size: int = 32, num_classes: int = 10,
                   dtype: str = "fp32", steps: int = 5, warmup: int = 2, device: str = "auto",
-                  peak: float | None = None, threads: int | None = None) -> dict[str, Any]:
-    """Measure one model at one dtype in this process (see the module docstring)."""
+                  peak: float | None = None, threads: int | None = None,
+                  compiled: bool | str = "auto", rss_baseline: bool = True) -> dict[str, Any]:
+    """Measure one model at one dtype in this process (see the module docstring); ``compiled``:
+    whether its LipNeXt blocks run torch.compiled (``set_compile``: auto = on CUDA; FLOPs are
+    counted on the eager blocks, the same arithmetic, which the counter sees). ``rss_baseline``
+    (CPU): first take a step of a batch-of-2 copy, so that peak memory counts this model alone."""
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use fp32 or bf16")
     if threads:
@@ -77,16 +99,16 @@ def measure_model(name: str, batch: int = 128, image_size: int = 32, num_classes
     dev = resolve_device(device)
     amp = (torch.autocast(dev.type, dtype=DTYPES[dtype]) if DTYPES[dtype] is not None
            else nullcontext())
-    if dev.type == "cpu":
+    if dev.type == "cpu" and rss_baseline:
         # A first step on a batch of 2 pages in the code and one-off buffers of every
         # kernel used, so that the RSS baseline below does not count them.
-        first_backward, _, first_opt, _ = _setup(name, 2, image_size, num_classes, dev, amp)
+        first_backward, _, first_opt, _ = _setup(name, 2, image_size, num_classes, dev, amp, compiled)
         first_backward()
         first_opt.step()
         del first_backward, first_opt
         gc.collect()
     rss0 = rss_bytes()
-    backward, model, opt, x = _setup(name, batch, image_size, num_classes, dev, amp)
+    backward, model, opt, x = _setup(name, batch, image_size, num_classes, dev, amp, compiled)
     opt_times: list[float] = []
 
     def train_step():
@@ -109,10 +131,10 @@ def measure_model(name: str, batch: int = 128, image_size: int = 32, num_classes
     opt_s = median(opt_times[warmup:])
     peak_mem = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda"
                 else peak_rss_bytes() - rss0)
-    train_flops = _count_flops(train_step)
+    train_flops = _count_flops(train_step, model)
     model.eval()
     infer_times = time_calls(infer, steps, warmup, dev)
-    infer_flops = _count_flops(infer)
+    infer_flops = _count_flops(infer, model)
     step_s = median(step_times)
     achieved = train_flops / step_s
     peak_tf = peak_tflops(dev, peak)
@@ -129,6 +151,7 @@ def measure_model(name: str, batch: int = 128, image_size: int = 32, num_classes
         "train_flops": train_flops, "infer_flops": infer_flops, "achieved_flops": achieved,
         "peak_tflops": peak_tf, "mfu": achieved / (peak_tf * 1e12) if peak_tf else None,
         "step_runs": len(step_times), "lipschitz": model.lipschitz_bound(),
+        "compiled": compiles(compile_mode(compiled), dev),
     }
 
 
@@ -140,42 +163,63 @@ def run_model_bench(models: Sequence[str], out_dir: str | Path, batch: int = 128
                     image_size: int = 32, num_classes: int = 10, dtypes: Sequence[str] = ("fp32",),
                     steps: int = 5, warmup: int = 2, device: str = "auto",
                     peak_tflops: float | None = None, threads: int | None = None,
-                    isolate: bool = True,
+                    isolate: bool = True, repeats: int = 3,
                     log: Callable[[str], None] = lambda s: print(s, flush=True)) -> str:
-    """Measure every model at every dtype; write bench.json and bench.md after each row (so an
-    interrupted run keeps what it measured; ``"complete": false`` until the last), then bench.png."""
+    """Measure every model at every dtype, ``repeats`` times over (each repeat measures every
+    row once, so the rows of a repeat share the machine's load and its ratios compare them);
+    report each figure as the median with its min-max over the repeats. bench.json (the
+    summary in ``results``, every measurement in ``runs``) and bench.md are rewritten after each
+    measurement (an interrupted run keeps what it measured; ``"complete": false`` until the
+    last), then bench.png."""
     from ..models import model_entry
     for m in models:
         model_entry(m)                     # unknown names fail before any measurement
     for d in dtypes:
         if d not in DTYPES:
             raise ValueError(f"unknown dtype {d!r}; use fp32 or bf16")
+    if repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {repeats}")
     ctx = mp.get_context("spawn")
-    results: list[dict[str, Any]] = []
+    runs: list[dict[str, Any]] = []
     out = Path(out_dir)
-    facts = run_facts(steps=steps, warmup=warmup)
+    facts = run_facts(steps=steps, warmup=warmup, repeats=repeats)
 
     def write(complete: bool) -> str:
-        add_ratios(results)
-        return write_results(out, "bench", facts, results, bench_table(results), complete)
+        rows = _summary(runs, repeats)
+        return write_results(out, "bench", {**facts, "runs": runs}, rows,
+                             _heading(rows, repeats) + bench_table(rows), complete)
 
-    for d in dtypes:
-        for m in models:
-            kwargs = dict(name=m, batch=batch, image_size=image_size, num_classes=num_classes,
-                          dtype=d, steps=steps, warmup=warmup, device=device, peak=peak_tflops,
-                          threads=threads)
-            if isolate:
-                with ctx.Pool(1) as pool:
-                    r = pool.apply(_child, (kwargs,))
-            else:
-                r = measure_model(**kwargs)
-            results.append(r)
-            log(f"{m} {d}: step {1e3 * r['step_s']:.1f} ms, {r['throughput']:.0f} img/s, "
-                f"peak {r['peak_mem_bytes'] / 2**20:.0f} MiB")
-            write(complete=False)
+    for r in range(repeats):
+        for d in dtypes:
+            for m in models:
+                kwargs = dict(name=m, batch=batch, image_size=image_size, num_classes=num_classes,
+                              dtype=d, steps=steps, warmup=warmup, device=device, peak=peak_tflops,
+                              threads=threads)
+                if isolate:
+                    with ctx.Pool(1) as pool:
+                        row = pool.apply(_child, (kwargs,))
+                else:
+                    row = measure_model(**kwargs)
+                runs.append({**row, "repeat": r})
+                log(f"{m} {d} (repeat {r + 1}/{repeats}): step {1e3 * row['step_s']:.1f} ms, "
+                    f"{row['throughput']:.0f} img/s, peak {row['peak_mem_bytes'] / 2**20:.0f} MiB")
+                write(complete=False)
     md = write(complete=True)
-    _plot(results, out / "bench.png")
+    _plot(_summary(runs, repeats), out / "bench.png")
     return md
+
+
+def _summary(runs: list[dict[str, Any]], repeats: int) -> list[dict[str, Any]]:
+    """Ratios within each repeat, then one row per (model, dtype): medians and ranges."""
+    for r in range(repeats):
+        add_ratios([row for row in runs if row["repeat"] == r])
+    return summarize([{k: v for k, v in row.items() if k != "repeat"} for row in runs], ("model", "dtype"))
+
+
+def _heading(rows: list[dict[str, Any]], repeats: int) -> str:
+    done = min((r["repeats"] for r in rows), default=0)
+    return (f"Median of {done} of {repeats} repeats (min-max where they differ), each a fresh "
+            "process per row; ratios within each repeat.\n\n")
 
 
 def add_ratios(results: list[dict[str, Any]]) -> None:
@@ -193,18 +237,20 @@ def add_ratios(results: list[dict[str, Any]]) -> None:
 
 
 def bench_table(results: list[dict[str, Any]]) -> str:
-    """Markdown table, one row per (model, dtype)."""
+    """Markdown table, one row per (model, dtype); with repeats, each figure is its median with
+    the min-max over the repeats in brackets (``results.summarize``)."""
     head = ("| model | params | dtype | train step ms | x LipNeXt | optimizer share | infer img/s "
             "| x LipNeXt | peak MiB | x LipNeXt | GFLOP/step | achieved GFLOP/s | MFU |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    x = lambda r, k: f"{r[k]:.2f}" if k in r else "-"   # noqa: E731
+    cells = (("step_s", lambda v: f"{1e3 * v:.1f}"), ("step_x", "{:.2f}".format),
+             ("optimizer_share", lambda v: f"{100 * v:.1f}%"), ("throughput", "{:.0f}".format),
+             ("throughput_x", "{:.2f}".format), ("peak_mem_bytes", lambda v: f"{v / 2**20:.0f}"),
+             ("mem_x", "{:.2f}".format), ("train_flops", lambda v: f"{v / 1e9:.2f}"),
+             ("achieved_flops", lambda v: f"{v / 1e9:.1f}"), ("mfu", lambda v: f"{100 * v:.1f}%"))
     for r in results:
-        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a (no known peak)"
-        lines.append(
-            f"| {r['model']} | {r['params'] / 1e6:.2f}M | {r['dtype']} | {1e3 * r['step_s']:.1f} | "
-            f"{x(r, 'step_x')} | {100 * r['optimizer_share']:.1f}% | {r['throughput']:.0f} | "
-            f"{x(r, 'throughput_x')} | {r['peak_mem_bytes'] / 2**20:.0f} | {x(r, 'mem_x')} | "
-            f"{r['train_flops'] / 1e9:.2f} | {r['achieved_flops'] / 1e9:.1f} | {mfu} |")
+        figures = [spread(r, k, fmt) if r.get(k) is not None else
+                   ("n/a (no known peak)" if k == "mfu" else "-") for k, fmt in cells]
+        lines.append(f"| {r['model']} | {r['params'] / 1e6:.2f}M | {r['dtype']} | " + " | ".join(figures) + " |")
     return "\n".join(lines) + "\n"
 
 

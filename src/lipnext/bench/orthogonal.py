@@ -32,7 +32,7 @@ from torch import nn
 from ..io import atomic_write
 from ..nn import OrthogonalParameter, random_orthogonal
 from ..optim import ManifoldAdam, fast_exp
-from .results import run_facts, write_results
+from .results import run_facts, spread, summarize, write_results
 from .timing import median, resolve_device, time_calls
 
 __all__ = ["METHODS", "Method", "orthogonal_step", "run_orthogonal"]
@@ -144,10 +144,12 @@ def orthogonal_step(method: str, c: int, device: torch.device) -> Method:
 
 
 def run_orthogonal(sizes: Sequence[int], out_dir: str | Path, methods: Sequence[str] | None = None,
-                   steps: int = 5, warmup: int = 2, device: str = "auto",
+                   steps: int = 5, warmup: int = 2, device: str = "auto", repeats: int = 3,
                    log: Callable[[str], None] = lambda s: print(s, flush=True)) -> str:
-    """Time every method at every size; write orthogonal.json / orthogonal.md after each row (an
-    interrupted run keeps what it measured; ``"complete": false`` until the last); return the table."""
+    """Time every method at every size, ``repeats`` times over (each repeat times every row once;
+    ratios within a repeat); report medians with their min-max. orthogonal.json / orthogonal.md
+    are rewritten after each row (an interrupted run keeps what it measured; ``"complete": false``
+    until the last); return the table."""
     dev = resolve_device(device)
     methods = list(methods or METHODS)
     for m in methods:
@@ -155,36 +157,46 @@ def run_orthogonal(sizes: Sequence[int], out_dir: str | Path, methods: Sequence[
             raise KeyError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
     if min(sizes) < 2:
         raise ValueError(f"sizes must be >= 2, got {list(sizes)}")
-    rows: list[dict[str, Any]] = []
-    facts = run_facts(device=str(dev), threads=torch.get_num_threads(), steps=steps, warmup=warmup)
+    if repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {repeats}")
+    runs: list[dict[str, Any]] = []
+    facts = run_facts(device=str(dev), threads=torch.get_num_threads(), steps=steps, warmup=warmup,
+                      repeats=repeats)
 
-    def write(complete: bool) -> str:
-        ref = {r["C"]: r["seconds"] for r in rows if r["method"] == "lipnext_manifold_adam" and "seconds" in r}
-        for r in rows:
-            if "seconds" in r and r["C"] in ref:
-                r["x_lipnext"] = r["seconds"] / ref[r["C"]]
-        return write_results(out_dir, "orthogonal", facts, rows, orthogonal_table(rows, sizes), complete)
+    def write(complete: bool) -> list[dict[str, Any]]:
+        for r in range(repeats):
+            ref = {row["C"]: row["seconds"] for row in runs if row["repeat"] == r
+                   and row["method"] == "lipnext_manifold_adam" and "seconds" in row}
+            for row in runs:
+                if row["repeat"] == r and "seconds" in row and row["C"] in ref:
+                    row["x_lipnext"] = row["seconds"] / ref[row["C"]]
+        rows = summarize([{k: v for k, v in row.items() if k != "repeat"} for row in runs], ("method", "C"))
+        write_results(out_dir, "orthogonal", {**facts, "runs": runs}, rows, orthogonal_table(rows, sizes),
+                      complete)
+        return rows
 
-    for c in sizes:
-        for m in methods:
-            try:
-                fn = orthogonal_step(m, c, dev).step
-            except ImportError as e:
-                rows.append({"method": m, "C": c, "skipped": f"not installed ({e.name})"})
-                log(f"{m} C={c}: skipped, {e.name} is not installed")
-                continue
-            times = time_calls(fn, steps, warmup, dev)
-            rows.append({"method": m, "C": c, "seconds": median(times), "runs": len(times)})
-            log(f"{m} C={c}: {1e3 * median(times):.2f} ms")
-            write(complete=False)
-    md = write(complete=True)
+    for r in range(repeats):
+        for c in sizes:
+            for m in methods:
+                try:
+                    fn = orthogonal_step(m, c, dev).step
+                except ImportError as e:
+                    runs.append({"method": m, "C": c, "repeat": r, "skipped": f"not installed ({e.name})"})
+                    log(f"{m} C={c}: skipped, {e.name} is not installed")
+                    continue
+                times = time_calls(fn, steps, warmup, dev)
+                runs.append({"method": m, "C": c, "repeat": r, "seconds": median(times), "runs": len(times)})
+                log(f"{m} C={c} (repeat {r + 1}/{repeats}): {1e3 * median(times):.2f} ms")
+                write(complete=False)
+    rows = write(complete=True)
     _plot(rows, sizes, Path(out_dir) / "orthogonal.png")
-    return md
+    return orthogonal_table(rows, sizes)
 
 
 def orthogonal_table(rows: list[dict[str, Any]], sizes: Sequence[int]) -> str:
-    """Markdown: ms per step and the ratio to LipNeXt's manifold step, one column per C."""
-    head = "| method | " + " | ".join(f"C={c}: ms (x LipNeXt)" for c in sizes) + " |"
+    """Markdown: ms per step and the ratio to LipNeXt's manifold step, one column per C; with
+    repeats, medians with the min-max in brackets."""
+    head = "| method | " + " | ".join(f"C={c}: ms; x LipNeXt" for c in sizes) + " |"
     lines = [head, "|" + "---|" * (len(sizes) + 1)]
     for m in dict.fromkeys(r["method"] for r in rows):
         cells = []
@@ -195,8 +207,8 @@ def orthogonal_table(rows: list[dict[str, Any]], sizes: Sequence[int]) -> str:
             elif "skipped" in r:
                 cells.append(r["skipped"])
             else:
-                ratio = f" ({r['x_lipnext']:.2f}x)" if "x_lipnext" in r else ""
-                cells.append(f"{1e3 * r['seconds']:.2f}{ratio}")
+                ratio = f"; {spread(r, 'x_lipnext', '{:.2f}x'.format)}" if "x_lipnext" in r else ""
+                cells.append(spread(r, "seconds", lambda v: f"{1e3 * v:.2f}") + ratio)
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

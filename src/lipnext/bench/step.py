@@ -31,7 +31,7 @@ from ..engine.step import TrainStep
 from ..io import atomic_write
 from ..losses import emma_loss
 from ..models import create_model
-from ..models.lipnext import LipNeXt, LipNeXtBlock
+from ..models.lipnext import LipNeXt, set_compile
 from ..nn.pool import L2Pool
 from ..ops.patchify import patchify
 from ..optim import build_optimizer
@@ -118,11 +118,12 @@ def twin_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
 
 
 def measure_step(model_name: str, depth: int | None, batch: int, image_size: int,
-                 cadences: Sequence[int], repeats: int) -> dict[str, Any]:
-    """LipNeXt's and the twin's step times at one batch size (see the module docstring)."""
+                 cadences: Sequence[int], repeats: int, compiled: bool = False) -> dict[str, Any]:
+    """LipNeXt's and the twin's step times at one batch size (see the module docstring);
+    ``compiled``: LipNeXt's blocks torch.compiled (``set_compile``), the twin eager."""
     torch.manual_seed(0)
     kwargs = {"depth": depth} if depth else {}
-    model = create_model(model_name, image_size=image_size, **kwargs)
+    model = set_compile(create_model(model_name, image_size=image_size, **kwargs), compiled)
     model.validate_inputs = False
     twin = Twin(model)
     x = torch.rand(batch, 3, image_size, image_size)
@@ -174,9 +175,7 @@ def run_step(model: str = "lipnext_l8w128", depth: int | None = None, batches: S
              exp_sizes: Sequence[int] = (1024,), exp_norms: Sequence[float] = (2.0, 4.0),
              compiled: bool = False, json_path: str | Path | None = None) -> str:
     """Measure every batch size, then FastExp; return the report (and write JSON)."""
-    if compiled:
-        LipNeXtBlock.compiled = True
-    rows = [measure_step(model, depth, b, image_size, cadences, repeats) for b in batches]
+    rows = [measure_step(model, depth, b, image_size, cadences, repeats, compiled) for b in batches]
     exps = [bench_fast_exp(c, norm, repeats, torch.device("cpu")) for c in exp_sizes for norm in exp_norms]
     if json_path:
         payload = json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(),

@@ -22,10 +22,10 @@ import torch
 from ..engine import distributed
 
 __all__ = ["resolve_device", "synchronize", "time_calls", "interleaved_calls", "rss_bytes",
-           "peak_rss_bytes", "peak_tflops", "median", "BF16_PEAK_TFLOPS"]
+           "peak_rss_bytes", "peak_tflops", "median", "BF16_PEAK_TFLOPS", "PEAK_TFLOPS"]
 
-# Dense bf16 peaks (TFLOP/s, without sparsity) from the vendors' datasheets, matched
-# against torch.cuda.get_device_name; MFU is reported only for these or --peak-tflops.
+# Dense peaks (TFLOP/s, without sparsity) from the vendors' datasheets, matched against
+# torch.cuda.get_device_name (first match in order); MFU is reported only for these or --peak-tflops.
 BF16_PEAK_TFLOPS = {
     "H100 PCIe": 756.0,
     "H100 NVL": 835.0,
@@ -35,6 +35,13 @@ BF16_PEAK_TFLOPS = {
     "A100": 312.0,
     "L40S": 362.0,
     "L4": 121.0,
+}
+PEAK_TFLOPS = {
+    "bf16": BF16_PEAK_TFLOPS,
+    "tf32": {"H100 PCIe": 378.0, "H100 NVL": 418.0, "H100": 494.7, "H200": 494.7, "GH200": 494.7,
+             "A100": 156.0, "L40S": 183.0, "L4": 60.0},
+    "fp32": {"H100 PCIe": 51.2, "H100 NVL": 60.0, "H100": 66.9, "H200": 66.9, "GH200": 66.9,
+             "A100": 19.5, "L40S": 91.6, "L4": 30.3},
 }
 
 
@@ -99,14 +106,14 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def peak_tflops(device: torch.device, override: float | None = None) -> float | None:
-    """The bf16 dense peak of ``device`` in TFLOP/s, if known (or given)."""
+def peak_tflops(device: torch.device, override: float | None = None, kind: str = "bf16") -> float | None:
+    """The dense ``kind`` (bf16, tf32, fp32) peak of ``device`` in TFLOP/s, if known (or given)."""
     if override is not None:
         return override
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    for key, value in BF16_PEAK_TFLOPS.items():
+    for key, value in PEAK_TFLOPS[kind].items():
         if key in name:
             return value
     return None

@@ -3,7 +3,8 @@ LipNeXt measured in the same run), the orthogonal-update comparison (``--orthogo
 and the wall-clock budget race (``--race``). Named benchmarks: ``lipnext bench step``
 (the training step against an unconstrained twin), ``exp`` (FastExp and the manifold step),
 ``scale`` (the optimizer per rank at 1B and 2B), ``fsdp-memory`` (per-rank memory under
-FSDP) and ``baselines`` (the runs behind the baseline tables)."""
+FSDP), ``baselines`` (the runs behind the baseline tables) and ``gpu`` (the GPU check: every
+CUDA default validated, then the paper's headline figures measured, in a fixed budget)."""
 from __future__ import annotations
 
 import argparse
@@ -35,6 +36,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", type=_csv, default=["fp32"], help="fp32,bf16 (bf16 = autocast)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per measurement (default 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="measure every row this many times over; each figure is reported as the "
+                        "median with its min-max (default 3; not for --race)")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (default)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--peak-tflops", type=float, default=None,
@@ -61,6 +65,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _add_scale(names)
     _add_fsdp_memory(names)
     _add_baselines(names)
+    _add_gpu(names)
+
+
+def _add_gpu(names: argparse._SubParsersAction) -> None:
+    what = ("the GPU check: validation (numerics, compile, training with every CUDA default, "
+            "pytest -m gpu), then measurement (L32W1024, the optimizer, 1B, 2B on one GPU), each "
+            "stage in its own process, within --budget seconds (docs/BENCHMARKS.md, GPU check)")
+    p = names.add_parser("gpu", help=what, description=what)
+    p.add_argument("--budget", type=float, default=470.0,
+                   help="seconds for all stages together (default 470: 8 minutes with start-up)")
+    p.add_argument("--smoke", action="store_true", help="every stage at tiny sizes on the CPU")
+    p.add_argument("--stages", type=_csv, default=None,
+                   help="only these stages, in this order (default: all; e.g. for a rerun)")
+    p.add_argument("--out", default="runs/gpu", help="where gpu.json and gpu.md go (default runs/gpu)")
+    p.set_defaults(func=_run_gpu)
+
+
+def _run_gpu(args: argparse.Namespace) -> int:
+    from ..bench.gpu import run_gpu_check
+    rc = run_gpu_check(args.out, args.budget, args.smoke, args.stages)
+    print(f"wrote {Path(args.out) / 'gpu.json'} and {Path(args.out) / 'gpu.md'}")
+    return rc
 
 
 def _add_step(names: argparse._SubParsersAction) -> None:
@@ -76,7 +102,7 @@ def _add_step(names: argparse._SubParsersAction) -> None:
     p.add_argument("--exp-norms", type=float, nargs="*", default=[2.0, 4.0])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the LipNeXt blocks (LipNeXtBlock.compiled = True; twin eager)")
+                   help="torch.compile the LipNeXt blocks (lipnext.models.set_compile; twin eager)")
     p.add_argument("--json", metavar="PATH")
     p.set_defaults(func=_run_step)
 
@@ -175,8 +201,8 @@ def _threads(n: int | None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.batch < 1 or args.steps < 1 or args.warmup < 0:
-        raise ValueError("--batch and --steps must be >= 1 and --warmup >= 0")
+    if args.batch < 1 or args.steps < 1 or args.warmup < 0 or args.repeats < 1:
+        raise ValueError("--batch, --steps and --repeats must be >= 1 and --warmup >= 0")
     _threads(args.threads)
     out = Path(args.out)
     if args.race:
@@ -192,12 +218,12 @@ def run(args: argparse.Namespace) -> int:
     if args.orthogonal:
         from ..bench.orthogonal import run_orthogonal
         md = run_orthogonal(args.sizes, out, methods=args.methods, steps=args.steps,
-                            warmup=args.warmup, device=args.device)
+                            warmup=args.warmup, device=args.device, repeats=args.repeats)
     else:
         from ..bench.models import run_model_bench
         md = run_model_bench(args.models, out, batch=args.batch, image_size=args.image_size,
                              num_classes=args.num_classes, dtypes=args.dtype, steps=args.steps,
                              warmup=args.warmup, device=args.device, peak_tflops=args.peak_tflops,
-                             threads=args.threads)
+                             threads=args.threads, repeats=args.repeats)
     print(md)
     return 0

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,9 +33,11 @@ from ..models.base import CertifiableModel
 from ..nn.lie import has_lie_gradient, mark_lie_gradient
 from ..nn.orthogonal import deferred_orthogonal, init_orthogonal_, is_orthogonal, mark_orthogonal
 from ..optim import assign_owners
+from ..optim.sharded import gather_rows
+from ..program import known_bounds, lipschitz_of
 
 __all__ = ["DistInfo", "setup", "teardown", "wrap_model", "barrier", "resolve_device", "shard_model",
-           "is_sharded", "unsharded", "full_state_dict", "load_full_state_dict", "build_model",
+           "is_sharded", "full_state_dict", "load_full_state_dict", "build_model",
            "clip_gradients", "lipschitz_bound", "broadcast_float", "sum_float"]
 
 
@@ -174,22 +174,6 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-@contextmanager
-def unsharded(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Every parameter whole on every rank inside the block (collective; a no-op unsharded).
-
-    For code that reads weights outside ``forward``, such as ``lipschitz_bound()``.
-    """
-    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for m in modules:
-        m.unshard()
-    try:
-        yield model
-    finally:
-        for m in modules:
-            m.reshard()
-
-
 def full_state_dict(model: torch.nn.Module) -> dict[str, Any]:
     """The unsharded state dict: ``model.state_dict()``, or under FSDP (collective) gathered
     tensor by tensor to rank 0's CPU (other ranks get an empty dict)."""
@@ -231,11 +215,70 @@ def clip_gradients(model: torch.nn.Module, optimizer: Any, max_norm: float) -> t
 
 
 def lipschitz_bound(model: CertifiableModel, info: DistInfo, device: torch.device) -> float:
-    """``model.lipschitz_bound()`` computed on rank 0 only and broadcast (collective; under FSDP
-    the weights are gathered for it)."""
-    with unsharded(model):
-        value = float(model.lipschitz_bound()) if info.is_main else 0.0
+    """``model.lipschitz_bound()`` on every rank (collective): computed on rank 0 and broadcast.
+
+    Under FSDP no rank holds the whole model for it. Each block (an FSDP unit) is whole on its
+    owner only (``assign_owners``: block k on rank k mod W), its fp32 row shards gathered there
+    as ``ShardedManifoldAdam`` gathers X, and the owner computes the block's bound; the bounds
+    are summed across ranks (each entry is one owner's), and rank 0 gathers the rest (stem,
+    head, ...) and computes the model's bound with the blocks' given (``program.known_bounds``).
+    The fp32 shards matter: FSDP's own ``unshard()`` gathers in the bf16 of its mixed-precision
+    policy, and bf16-rounded orthogonal matrices have bounds of 1 + O(2^-8 sqrt(n)) each."""
+    if not is_sharded(model):
+        return broadcast_float(float(model.lipschitz_bound()) if info.is_main else 0.0, info, device)
+    blocks = [b for b in getattr(model, "blocks", []) if isinstance(b, FSDPModule)]
+    owners = assign_owners([1] * len(blocks), info.world_size)
+    bounds = torch.zeros(len(blocks), dtype=torch.float64, device=device)
+    for k, block in enumerate(blocks):
+        full = _gather_params(block, owners[k], info)
+        if owners[k] == info.rank:
+            bounds[k] = lipschitz_of(_plain(block, full), f"blocks.{k}")
+        del full
+    dist.all_reduce(bounds)
+    full = _gather_params(model, 0, info, skip={id(p) for b in blocks for p in b.parameters()})
+    value = 0.0
+    if info.is_main:
+        plain = _plain(model, full)
+        shells = [plain.get_submodule(name) for name, m in model.named_modules() if m in blocks]
+        with known_bounds(dict(zip(shells, bounds.tolist()))):
+            value = float(plain.lipschitz_bound())
     return broadcast_float(value, info, device)
+
+
+def _gather_params(module: torch.nn.Module, owner: int, info: DistInfo,
+                   skip: set[int] = frozenset()) -> dict[int, torch.Tensor]:
+    """The FSDP-sharded parameters of ``module`` (but those in ``skip``) whole on ``owner``, from
+    their row shards in their own dtype (collective): {id(parameter): tensor}, empty elsewhere."""
+    params = [p for p in module.parameters() if isinstance(p, DTensor) and id(p) not in skip]
+    pending = [gather_rows(p.to_local().detach(), p.shape[0], owner, dist.group.WORLD, info.rank,
+                           info.world_size) for p in params]
+    wholes = [(p, gather()) for p, gather in zip(params, pending)]
+    return {id(p): full.view(p.shape) for p, full in wholes if full is not None}
+
+
+def _plain(module: torch.nn.Module, full: dict[int, torch.Tensor],
+           memo: dict[int, torch.nn.Module] | None = None) -> torch.nn.Module:
+    """A shallow copy of ``module``'s tree for ``lipschitz_of``: FSDP-wrapped modules as their own
+    class and without FSDP's hooks, the parameters found in ``full`` whole (the others as they
+    are). The model itself is not touched."""
+    memo = {} if memo is None else memo
+    if id(module) in memo:
+        return memo[id(module)]
+    cls = type(module)
+    if isinstance(module, FSDPModule):
+        cls = next(c for c in cls.__mro__[1:] if not issubclass(c, FSDPModule))
+    copy = memo[id(module)] = cls.__new__(cls)
+    copy.__dict__.update(module.__dict__)
+    if isinstance(module, FSDPModule):
+        for hooks in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+                      "_forward_pre_hooks_with_kwargs"):
+            setattr(copy, hooks, type(getattr(module, hooks))())
+    copy._parameters = {name: p if p is None or id(p) not in full
+                        else torch.nn.Parameter(full[id(p)], requires_grad=False)
+                        for name, p in module._parameters.items()}
+    copy._modules = {name: None if child is None else _plain(child, full, memo)
+                     for name, child in module._modules.items()}
+    return copy
 
 
 def broadcast_float(value: float, info: DistInfo, device: torch.device) -> float:

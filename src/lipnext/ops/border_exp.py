@@ -11,22 +11,26 @@ Optimizer):
     phi(Z) = sum_j Z^j / (j + 1)!  = the top-right block of exp([[Z, I], [0, 0]]),
 
 so X exp(U) = X - Y_2 C^T, plus Y_1 on the first k columns, with Y = [Y_1, Y_2] = [X C, X E] phi(Z):
-products of n x n x k and one 4k x 4k exponential (float64, ``torch.linalg.matrix_exp``),
+products of n x n x k and one 4k x 4k exponential (float64: ``torch.linalg.matrix_exp`` on the
+CPU; elsewhere ``expm_unsynced``, since matrix_exp reads its norms to the host on a GPU),
 against FastExp's 2-4 n^3 and X W's n^3. The products run in the chosen ``Precision``;
 each multiplies by C or by phi(Z)'s blocks of order ||U|| (Y_2 is X E + O(||U||), then
 times C^T), so as with X + X (E - I) the rounding scales with ||U||.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from .precision import Precision
 
-__all__ = ["MAX_BORDER", "border_exp_update", "border_widths"]
+__all__ = ["MAX_BORDER", "border_exp_update", "border_widths", "expm_unsynced"]
 
 #: the border path is taken for k <= n * MAX_BORDER (its 4k x 4k float64 exponential stays small)
 MAX_BORDER = 1 / 16
+_TAYLOR, _SQUARINGS = 18, 24      # expm_unsynced: degree, and the most squarings (||M||_1 <= 2^24)
 
 
 def border_widths(u: Tensor) -> list[int | None]:
@@ -51,6 +55,23 @@ def border_widths(u: Tensor) -> list[int | None]:
     return widths
 
 
+def expm_unsynced(m: Tensor) -> Tensor:
+    """exp(M) for a float64 stack (b, n, n) without a host read: T_18(M / 2^s) squared s times,
+    s = ceil(log2 ||M||_1) per matrix (so ||M / 2^s||_1 <= 1, where T_18's remainder is below
+    2^-56), chosen on the device: every matrix runs ``_SQUARINGS`` squarings, masked where they
+    exceed its s. nan where ||M||_1 > 2^``_SQUARINGS`` (never for an optimizer's step)."""
+    norm = m.abs().sum(-2).amax(-1)
+    s = torch.log2(norm).ceil_().clamp_(0, _SQUARINGS)            # ||M|| = 0: log2 = -inf -> 0
+    b = m * torch.pow(2.0, -s).view(-1, 1, 1)
+    eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
+    t = eye.expand_as(m)
+    for j in range(_TAYLOR, 0, -1):                                # Horner: I + B (I + B/2 (...))
+        t = torch.baddbmm(eye, b, t, alpha=1.0 / j)
+    for j in range(_SQUARINGS):
+        t = torch.where((s > j).view(-1, 1, 1), t @ t, t)
+    return torch.where((norm <= 2.0 ** _SQUARINGS).view(-1, 1, 1), t, torch.full_like(t, math.nan))
+
+
 def _phi(c: Tensor, k: int) -> Tensor:
     """phi(Z) for Z = [[C_k, I], [-C^T C, C_k]] (C_k = C[:k]), float64, by one exponential."""
     c64 = c.double()
@@ -63,7 +84,8 @@ def _phi(c: Tensor, k: int) -> Tensor:
     big[:, :k, k:2 * k] = eye[:k, :k]
     big[:, k:2 * k, :k] = -(c64.mT @ c64)
     big[:, :2 * k, 2 * k:] = eye
-    return torch.linalg.matrix_exp(big)[:, :2 * k, 2 * k:]
+    expm = torch.linalg.matrix_exp if big.device.type == "cpu" else expm_unsynced
+    return expm(big)[:, :2 * k, 2 * k:]
 
 
 def border_exp_update(x: Tensor, u: Tensor, k: int, prec: Precision) -> Tensor:

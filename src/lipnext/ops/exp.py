@@ -46,11 +46,12 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .host import index_on, to_device
 from .precision import Precision, product
 from .registry import kernel_op
 
-__all__ = ["exact_expm1", "exp_cost", "grouped", "exp_plan", "exp_plans", "exp_work", "fast_exp", "fast_expm1",
-           "reference", "structured_product"]
+__all__ = ["exact_expm1", "exp_cost", "exp_theta", "grouped", "exp_plan", "exp_plans", "exp_work", "fast_exp",
+           "fast_expm1", "plan_limit", "reference", "structured_product"]
 
 _PRODUCTS = {2: 1, 4: 2, 6: 3}       # Taylor order -> matrix products before squaring
 _POWER_STEPS, _POWER_BLOCK, _MARGIN = 8, 4, 1.1     # the norm estimate of ``_plans``
@@ -93,19 +94,23 @@ def _plans_of_cost(cost: int) -> list[tuple[int, int]]:
 
 
 @functools.cache
+def plan_limit(plan: tuple[int, int], u: float) -> float:
+    """The largest theta for which ``plan`` (order, squarings) meets u (bisection from below)."""
+    order, squarings = plan
+    lo, hi = 0.0, 2.0 ** squarings                     # b = theta / 2^s < 1
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if mid in (lo, hi):
+            break
+        lo, hi = (mid, hi) if truncation_bound(order, squarings, mid) <= u else (lo, mid)
+    return lo
+
+
+@functools.cache
 def _cost_limit(cost: int, u: float) -> float:
     """The largest theta for which some plan of ``cost`` products meets u (bisection, from
     below: truncation_bound grows with theta), so costs whose limit is below theta are skipped."""
-    best = 0.0
-    for k, s in _plans_of_cost(cost):
-        lo, hi = 0.0, 2.0 ** s            # b = theta / 2^s < 1
-        for _ in range(200):
-            mid = (lo + hi) / 2
-            if mid in (lo, hi):
-                break
-            lo, hi = (mid, hi) if truncation_bound(k, s, mid) <= u else (lo, mid)
-        best = max(best, lo)
-    return best
+    return max(plan_limit(plan, u) for plan in _plans_of_cost(cost))
 
 
 def exp_plan(theta: float, u: float) -> tuple[int, int]:
@@ -123,22 +128,36 @@ def exp_plan(theta: float, u: float) -> tuple[int, int]:
         cost += 1
 
 
+@functools.lru_cache(maxsize=32)
+def _start_block(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The power iteration's unit start rows (``_POWER_BLOCK``, n), the same for every matrix:
+    drawn once on the CPU from seed 0 (the same on every device), kept on ``device``."""
+    x = torch.randn(_POWER_BLOCK, n, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    return to_device(x / x.norm(dim=-1, keepdim=True), device)
+
+
 def _norm_estimate(a2: Tensor) -> Tensor:
     """~||A||_2 of skew A: sqrt(||M x|| / ||x||) after power steps on M = -A^2 (PSD).
 
     Fixed random start block (deterministic), ``_POWER_STEPS`` matrix-block products of
     O(n^2) each. The result never exceeds ||A||_2: ``_plans`` multiplies it by ``_MARGIN``.
     """
-    gen = torch.Generator(a2.device).manual_seed(0)
-    n = a2.shape[-1]
-    x = torch.randn(len(a2), _POWER_BLOCK, n, generator=gen, dtype=a2.dtype, device=a2.device)
-    x = x / x.norm(dim=-1, keepdim=True)
+    x = _start_block(a2.shape[-1], a2.dtype, a2.device).expand(len(a2), -1, -1)
     ratio = torch.zeros(len(a2), _POWER_BLOCK, dtype=a2.dtype, device=a2.device)
     for _ in range(_POWER_STEPS):
         y = torch.bmm(x, a2).neg_()            # rows x^T M = (M x)^T, M symmetric
         ratio = y.norm(dim=-1)
         x = y / ratio.clamp_min(torch.finfo(a2.dtype).tiny).unsqueeze(-1)
     return ratio.amax(-1).sqrt()
+
+
+def _theta(flat: Tensor, a2: Tensor, prec: Precision) -> Tensor:
+    """theta per matrix, on the device: min(theta_b, 1.1 max(estimate, ||A^2||_F / ||A||_F)), as
+    ``_plans`` takes it, with the estimate computed for every matrix (no host read)."""
+    fro, fro2 = torch.linalg.matrix_norm(flat), torch.linalg.matrix_norm(a2)
+    bound = torch.minimum(fro, (fro2 + prec.error_constant(flat.shape[-1]) * fro * fro).sqrt())
+    lower = torch.where(fro > 0, fro2 / fro, torch.zeros_like(fro))
+    return torch.minimum(bound, _MARGIN * torch.maximum(lower, _norm_estimate(a2)))
 
 
 def _plans(flat: Tensor, a2: Tensor, prec: Precision, skew: bool) -> list[tuple[int, int] | None]:
@@ -218,15 +237,29 @@ def exp_plans(a: Tensor, precision: str | None = None, *,
     return _plans(flat, _square(flat, prec, skew), prec, skew)
 
 
+def exp_theta(a: Tensor, precision: str | None = None) -> Tensor:
+    """theta (the ||A||_2 that the plans are chosen for) of each matrix of an exactly skew batch,
+    as a tensor on A's device: nothing is read to the host."""
+    _check_square(a)
+    prec = _working(a, precision)
+    flat = a.reshape(-1, *a.shape[-2:]).to(prec.dtype)
+    return _theta(flat, _square(flat, prec, True), prec).view(a.shape[:-2])
+
+
 def exact_expm1(a: Tensor) -> Tensor:
     """exp(A) - I by ``torch.linalg.matrix_exp``: where A is not skew, and ``update="exact"``."""
     return torch.linalg.matrix_exp(a) - torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
 
 
-def _planned(b: Tensor, b2: Tensor, plan: tuple[int, int], prec: Precision) -> Tensor:
-    """W_s for one plan (order, s) on a stack: B = A, B^2 = A^2 on entry (scaled here)."""
+def _planned(b: Tensor, b2: Tensor, plan: tuple[int, int], prec: Precision,
+             g: Tensor | None = None) -> Tensor:
+    """W_s for one plan (order, s) on a stack: B = A, B^2 = A^2 on entry (scaled here, by g 2^-s
+    per matrix when ``g`` is given)."""
     order, squarings = plan
-    if squarings:
+    if g is not None:
+        f = (g * 2.0 ** -squarings).view(-1, 1, 1)
+        b, b2 = b * f, b2.mul_(f * f)
+    elif squarings:
         b, b2 = b * 2.0 ** -squarings, b2.mul_(4.0 ** -squarings)
     w = torch.add(b, b2, alpha=0.5)
     if order == 4:
@@ -248,7 +281,7 @@ def grouped(keys: list, fn: Callable[..., Tensor], *stacks: Tensor) -> Tensor:
         return fn(keys[0], *stacks)
     out = None
     for key, rows in groups.items():
-        idx = torch.tensor(rows, device=stacks[0].device)
+        idx = index_on(rows, stacks[0].device)
         part = fn(key, *(s[idx] for s in stacks))
         if out is None:
             out = part.new_empty((len(keys), *part.shape[1:]))
@@ -256,7 +289,8 @@ def grouped(keys: list, fn: Callable[..., Tensor], *stacks: Tensor) -> Tensor:
     return out
 
 
-def reference(a: Tensor, precision: str | None = None, *, skew: bool = False) -> Tensor:
+def reference(a: Tensor, precision: str | None = None, *, skew: bool = False,
+              plan: tuple[int, int] | None = None, clipped: Tensor | None = None) -> Tensor:
     """exp(A) - I for a batch (..., n, n), products in ``precision`` (default: A's dtype).
 
     Returns the working dtype (float64 for fp64, else float32). The matrices that share a
@@ -264,11 +298,23 @@ def reference(a: Tensor, precision: str | None = None, *, skew: bool = False) ->
     stack holds more than one plan), after one or two host syncs for the plans.
     ``skew=True`` promises that A is exactly skew (A = -A^T in floating point, as the
     optimizer's steps are) and skips the check; a matrix that is not gets a wrong result.
+
+    ``plan`` (order, squarings), for an exactly skew batch: every matrix takes that plan and
+    nothing is read to the host. A matrix whose theta (``exp_theta``) exceeds the plan's limit L
+    (``plan_limit``) is scaled to it, so the result is exp(g A) - I with g = min(1, L / theta):
+    within u of its exponential, always; ``clipped`` (an integer tensor on A's device) counts the
+    matrices with g < 1.
     """
     _check_square(a)
     prec = _working(a, precision)
     flat = a.reshape(-1, *a.shape[-2:]).to(prec.dtype)
-    a2 = _square(flat, prec, skew)
+    a2 = _square(flat, prec, skew or plan is not None)
+    if plan is not None:
+        limit = plan_limit(plan, torch.finfo(prec.dtype).eps / 2)
+        g = (limit / _theta(flat, a2, prec)).clamp_(max=1.0)
+        if clipped is not None:
+            clipped += (g < 1).sum()
+        return _planned(flat, a2, plan, prec, g).view(a.shape)
     plans = _plans(flat, a2, prec, skew)
 
     def evaluate(plan: tuple[int, int] | None, b: Tensor, b2: Tensor) -> Tensor:

@@ -65,19 +65,67 @@ def round_tf32(x: Tensor) -> Tensor:
     return torch.where(torch.isfinite(x), rounded, x)
 
 
+def _get(backend: str) -> str:
+    return torch._C._get_fp32_precision_getter(backend, "matmul")
+
+
+def _set(backend: str, value: str) -> None:
+    torch._C._set_fp32_precision_setter(backend, "matmul", value)
+
+
+@dataclass(frozen=True)
+class _MatmulFlags:
+    """PyTorch's two switches for float32 matmuls: the legacy precision ("highest", "high",
+    "medium": ``allow_tf32``, ``get_float32_matmul_precision``) and the new per-backend ones
+    (``fp32_precision`` of cuda.matmul and mkldnn.matmul; "none": inherited). Each legacy
+    reader raises "mix of the legacy and new APIs" when the two disagree."""
+    legacy: str
+    cuda: str
+    mkldnn: str
+
+    @staticmethod
+    def read() -> "_MatmulFlags":
+        """The flags as they are; never raises, whichever API set them."""
+        inherits = {b: _get(b) == torch._C._get_fp32_precision_getter(b, "all") for b in ("cuda", "mkldnn")}
+        new = {b: "none" if inherits[b] else _get(b) for b in inherits}
+        for b in new:                      # "ieee" on both agrees with any legacy value
+            _set(b, "ieee")
+        legacy = torch.get_float32_matmul_precision()
+        for b, value in new.items():
+            _set(b, value)
+        return _MatmulFlags(legacy, new["cuda"], new["mkldnn"])
+
+    @staticmethod
+    def agreeing(mode: str) -> "_MatmulFlags":
+        """Flags with CUDA matmuls in ``mode`` ("ieee" or "tf32") that every reader accepts:
+        the legacy value that matches both backends (mkldnn's own kept where it can be)."""
+        mkldnn = _get("mkldnn")
+        if mode == "ieee":
+            return _MatmulFlags("highest", "ieee", "ieee" if mkldnn in ("bf16", "tf32") else "none")
+        return _MatmulFlags("medium" if mkldnn == "bf16" else "high", "tf32", mkldnn)
+
+    def apply(self) -> None:
+        torch.set_float32_matmul_precision(self.legacy)     # sets both backends too: then each one's
+        _set("cuda", self.cuda)
+        _set("mkldnn", self.mkldnn)
+
+
 @contextlib.contextmanager
 def _cuda_fp32_precision(device: torch.device, mode: str) -> Iterator[None]:
-    """CUDA float32 matmuls in ``mode`` ("ieee" or "tf32") inside the block; no-op elsewhere."""
+    """CUDA float32 matmuls in ``mode`` ("ieee" or "tf32") inside the block; no-op elsewhere.
+
+    Both APIs are set to agree, so code inside that reads either one (``allow_tf32``, as
+    torch.compile's tracing does, or ``fp32_precision``) works, in a fresh process too; both are
+    restored on exit, exactly as they were."""
     if device.type != "cuda":
         yield
         return
-    matmul = torch.backends.cuda.matmul
-    before = matmul.fp32_precision
-    matmul.fp32_precision = mode
+    before = _MatmulFlags.read()
+    _MatmulFlags.agreeing(mode).apply()
     try:
         yield
     finally:
-        matmul.fp32_precision = before
+        before.apply()
 
 
 def _baddbmm(c: Tensor | None, a: Tensor, b: Tensor, beta: float, alpha: float) -> Tensor:

@@ -15,6 +15,10 @@ stays at the fp32 level (tests/test_fast_exp.py).
 With ``fast_exp`` and a skew A, a matrix that is zero outside its first k <= n/16 rows and
 columns (the step of the patch stem's Q, whose layer reads only k columns) takes
 ``ops.border_exp`` instead: the same X exp(A), exactly, in O(n^2 k).
+
+Which of those each matrix takes (and FastExp's plan) is read from A itself, on the host,
+unless ``rotations`` fixes it (``optim.plans``: the optimizer's plans, chosen without reading
+the device).
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from torch import Tensor
 from ..ops.border_exp import border_exp_update, border_widths
 from ..ops.exp import exact_expm1, fast_expm1, grouped
 from ..ops.precision import Precision, product
+from .plans import Rotations
 
 __all__ = ["METHODS", "exp_update"]
 
@@ -36,13 +41,15 @@ def _cayley_expm1(a: Tensor) -> Tensor:
 
 
 def exp_update(x: Tensor, a: Tensor, *, method: str = "fast_exp", precision: str = "fp32",
-               skew: bool = False) -> Tensor:
+               skew: bool = False, rotations: Rotations | None = None) -> Tensor:
     """X exp(A) (or X cay(A) for "cayley") for X (..., m, n), A (..., n, n), returned in X's dtype.
 
     E - I and X (E - I) are computed in ``precision`` (float64 for "fp64", float32 otherwise);
     the sum X + X (E - I) is formed in the wider of that and X's dtype, so a float64 X keeps
     float64 accuracy where U is 0 or tiny (and X is returned unchanged for U = 0).
     ``skew``: A is exactly skew by construction (``fast_expm1`` skips its check).
+    ``rotations`` (``fast_exp`` and ``skew`` only): each matrix's border width or FastExp plan,
+    fixed on the host; then nothing is read to the host.
     """
     if method not in METHODS:
         raise ValueError(f"unknown update method {method!r}; use one of {', '.join(METHODS)}")
@@ -52,22 +59,33 @@ def exp_update(x: Tensor, a: Tensor, *, method: str = "fast_exp", precision: str
         raise ValueError(f"exp_update needs X (..., m, n) and A (..., n, n) with the same batch "
                          f"shape, got {tuple(x.shape)} and {tuple(a.shape)}")
     flat_x, flat_a = x.reshape(-1, *x.shape[-2:]), a.reshape(-1, *a.shape[-2:])
-    widths = border_widths(flat_a) if method == "fast_exp" and skew else [None] * len(flat_a)
+    if rotations is not None:
+        if method != "fast_exp" or not skew:
+            raise ValueError("exp_update's rotations are plans of fast_exp for skew A")
+        keys = rotations.keys
+    elif method == "fast_exp" and skew:
+        keys = [("fast_exp", None) if k is None else ("border", k) for k in border_widths(flat_a)]
+    else:
+        keys = [("fast_exp", None)] * len(flat_a)
+    clipped = rotations.clipped if rotations is not None else None
 
-    def rotate(k: int | None, xs: Tensor, us: Tensor) -> Tensor:
-        if k is None:
-            return _dense_update(xs, us, method, precision, prec, skew)
-        return border_exp_update(xs, us, k, prec)
+    def rotate(key: tuple, xs: Tensor, us: Tensor) -> Tensor:
+        if key[0] == "border":
+            return border_exp_update(xs, us, key[1], prec)
+        return _dense_update(xs, us, method, precision, prec, skew, key[1], clipped)
 
-    return grouped(widths, rotate, flat_x, flat_a).view(x.shape)
+    return grouped(keys, rotate, flat_x, flat_a).view(x.shape)
 
 
 def _dense_update(x: Tensor, a: Tensor, method: str, precision: str, prec: Precision,
-                  skew: bool) -> Tensor:
-    """X + X (E - I) for stacks (b, m, n), (b, n, n), E - I by ``method``, in X's dtype."""
+                  skew: bool, plan: tuple[int, int] | None = None,
+                  clipped: Tensor | None = None) -> Tensor:
+    """X + X (E - I) for stacks (b, m, n), (b, n, n), E - I by ``method`` (FastExp with ``plan``
+    when given), in X's dtype."""
     xw, aw = x.to(prec.dtype), a.to(prec.dtype)
     if method == "fast_exp":
-        w = fast_expm1(aw, precision, skew=skew)
+        fixed = {} if plan is None else dict(plan=plan, clipped=clipped)
+        w = fast_expm1(aw, precision, skew=skew, **fixed)
     else:
         w = (exact_expm1 if method == "exact" else _cayley_expm1)(aw)
     if x.dtype.itemsize <= prec.dtype.itemsize:

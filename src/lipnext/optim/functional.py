@@ -20,7 +20,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..ops.host import index_on
 from .exp_update import exp_update
+from .plans import Planner
 
 __all__ = ["adam_coefficients", "adam_foreach_", "lie_gradient", "lookahead_due",
            "lookahead_euclidean_", "manifold_step_direction", "orthogonal_update",
@@ -44,7 +46,7 @@ def pull_back(x: Tensor, g: Tensor, pulled: list[bool]) -> Tensor:
         return g
     if not any(pulled):
         return x.mT @ g
-    rows = torch.tensor([i for i, done in enumerate(pulled) if not done], device=g.device)
+    rows = index_on([i for i, done in enumerate(pulled) if not done], g.device)
     return g.index_copy(0, rows, x[rows].mT @ g[rows])
 
 
@@ -103,31 +105,38 @@ def lookahead_due(step: Tensor, k: int) -> Tensor:
 def orthogonal_update(x: Tensor, u: Tensor, slow: Tensor | None = None,
                       lookahead_sum: Tensor | None = None, due: Tensor | None = None,
                       alpha: float = 0.5, method: str = "fast_exp",
-                      precision: str = "fp32") -> Tensor:
+                      precision: str = "fp32", planner: Planner | None = None) -> Tensor:
     """X exp(U), with manifold Lookahead when ``slow`` is given: S <- S + U, and where ``due``
-    X_slow <- X_slow exp(alpha S), S <- 0, X <- X_slow.
+    (a CPU bool per row) X_slow <- X_slow exp(alpha S), S <- 0, X <- X_slow.
 
     A row that syncs restarts from X_slow, so its X exp(U) is not computed (it would be
-    discarded). ``slow`` and ``lookahead_sum`` are updated in place; X is returned (new)."""
-    rotate = dict(method=method, precision=precision, skew=True)
+    discarded). ``slow`` and ``lookahead_sum`` are updated in place; X is returned (new).
+    ``planner`` (``optim.plans``) fixes each rotation's plan on the host; without it each is
+    planned from its own matrix (host reads)."""
+    def rotate(kind: str, xs: Tensor, a: Tensor, rows: list[int] | None = None) -> Tensor:
+        rotations = planner(kind, a, rows) if planner is not None else None
+        return exp_update(xs, a, method=method, precision=precision, skew=True, rotations=rotations)
+
     if slow is None:
-        return exp_update(x, u, **rotate)
+        return rotate("step", x, u)
     lookahead_sum.add_(u)
-    mask = due.to(x.device)
-    if not bool(mask.any()):
-        return exp_update(x, u, **rotate)
-    if bool(mask.all()):                     # the usual case: a stack's rows sync together
-        synced = exp_update(slow, alpha * lookahead_sum, **rotate)
+    flags = due.tolist()
+    if not any(flags):
+        return rotate("step", x, u)
+    if all(flags):                           # the usual case: a stack's rows sync together
+        synced = rotate("sync", slow, alpha * lookahead_sum)
         slow.copy_(synced)
         lookahead_sum.zero_()
         return synced
-    idx, rest = mask.nonzero().squeeze(1), (~mask).nonzero().squeeze(1)
-    synced = exp_update(slow[idx], alpha * lookahead_sum[idx], **rotate)
+    rows = [i for i, f in enumerate(flags) if f]
+    rest_rows = [i for i, f in enumerate(flags) if not f]
+    idx, rest = index_on(rows, x.device), index_on(rest_rows, x.device)
+    synced = rotate("sync", slow[idx], alpha * lookahead_sum[idx], rows)
     slow[idx] = synced
     lookahead_sum[idx] = 0
     out = torch.empty_like(x)
     out[idx] = synced
-    out[rest] = exp_update(x[rest], u[rest], **rotate)
+    out[rest] = rotate("step", x[rest], u[rest], rest_rows)
     return out
 
 

@@ -25,7 +25,11 @@ parameters: slow <- slow + alpha (fast - slow), fast <- slow.
 ``update`` picks how X exp(U) is computed (``fast_exp``, ``exact``, ``cayley``) and
 ``precision`` its arithmetic (``auto`` = TF32 on CUDA else fp32, ``fp32``, ``fp64``, ``tf32``, ``bf16``), both passed to
 ``exp_update``; the arithmetic lives in ``lipnext.optim.functional``, shared with the
-distributed drivers.
+distributed drivers. With ``fast_exp``, each rotation's plan is fixed on the host from the
+matrix's state (``optim.plans``, refreshed every ``plan_every`` steps): a step reads nothing
+from the device (the step counts and coefficients are CPU scalars, as in torch.optim, sent
+with non-blocking copies). ``plan_every=0`` plans every rotation from its own matrix instead
+(host reads each step).
 
 Batching: same-shaped orthogonal weights of a group are updated as one stack. Their state
 tensors (per parameter, torch.optim layout: ``step``, ``mu_product``, ``exp_avg``,
@@ -50,10 +54,12 @@ from torch.optim import Optimizer
 
 from ..nn.lie import has_lie_gradient
 from ..nn.orthogonal import is_orthogonal
+from ..ops.host import to_device
 from ..ops.precision import PRECISIONS
 from . import functional as F
 from .exp_update import METHODS as EXP_METHODS
 from .functional import lie_gradient, skew
+from .plans import PLAN_EVERY, PLAN_STATE, Planner, new_plan_state
 from .polar import group_by_shape, retract_
 
 __all__ = ["CHUNK_BYTES", "ManifoldAdam", "auto_chunk", "lie_gradient", "skew"]
@@ -92,7 +98,8 @@ class ManifoldAdam(Optimizer):
                  orthogonal_lr_scale: float = 0.5, orthogonal_weight_decay: float = 0.0,
                  lookahead_k: int = 0, lookahead_alpha: float = 0.5,
                  momentum_decay: float = 4e-3, update: str = "fast_exp",
-                 precision: str = "auto", chunk_size: int | None = None):
+                 precision: str = "auto", chunk_size: int | None = None,
+                 plan_every: int = PLAN_EVERY):
         if lr < 0 or eps < 0 or orthogonal_lr_scale < 0 or momentum_decay < 0:
             raise ValueError("lr, eps, orthogonal_lr_scale and momentum_decay must be >= 0")
         if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
@@ -109,7 +116,11 @@ class ManifoldAdam(Optimizer):
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be an int >= 1 or None (by bytes: auto_chunk), got {chunk_size!r}")
-        self.chunk_size = chunk_size
+        if not isinstance(plan_every, int) or plan_every < 0:
+            raise ValueError(f"plan_every must be an int >= 0 (0: plan from each matrix, every step), "
+                             f"got {plan_every!r}")
+        self.chunk_size, self.plan_every = chunk_size, plan_every
+        self._clipped: dict[torch.device, Tensor] = {}
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         nesterov=nesterov, momentum_decay=momentum_decay,
                         orthogonal_lr_scale=orthogonal_lr_scale,
@@ -185,6 +196,8 @@ class ManifoldAdam(Optimizer):
             state["mu_product"] = torch.tensor(1.0)
             for name in _MOMENTS:
                 state[name] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+        if group["orthogonal"] and PLAN_STATE not in state:
+            state[PLAN_STATE] = new_plan_state()
         if group["lookahead_k"] and "slow" not in state:
             state["slow"] = p.detach().to(dtype, copy=True)
             if group["orthogonal"]:
@@ -203,7 +216,7 @@ class ManifoldAdam(Optimizer):
                 return cached[1]
         bufs = {}
         for n in names:
-            to = dict(dtype=torch.float32, device="cpu") if n in _SCALARS else \
+            to = dict(dtype=torch.float32, device="cpu") if n in _SCALARS + (PLAN_STATE,) else \
                 dict(dtype=dtype, device=params[0].device)
             bufs[n] = torch.stack([self.state[p][n].to(**to) for p in params])
             for p, row in zip(params, bufs[n].unbind(0)):
@@ -215,7 +228,7 @@ class ManifoldAdam(Optimizer):
     def _orthogonal_step(self, index: int, params: list[Tensor], group: dict[str, Any]) -> None:
         k = group["lookahead_k"]
         dtype = torch.promote_types(params[0].dtype, torch.float32)
-        names = _SCALARS + _MOMENTS + (("slow", "lookahead_sum") if k else ())
+        names = _SCALARS + _MOMENTS + (PLAN_STATE,) + (("slow", "lookahead_sum") if k else ())
         key = (index, tuple(params[0].shape), params[0].dtype, params[0].device)
         s = self._stacked(key, params, names, dtype)
         coefficients = _coefficients(s["step"], s["mu_product"], group)
@@ -228,15 +241,33 @@ class ManifoldAdam(Optimizer):
             g = torch.stack([p.grad for p in chunk]).to(dtype)
             xtg = F.pull_back(x, g, [has_lie_gradient(p) for p in chunk])
             del g
-            c_m, c_g, bc2 = (c[rows].to(x.device, dtype).view(-1, 1, 1) for c in coefficients)
+            c_m, c_g, bc2 = (to_device(c[rows], x.device, dtype).view(-1, 1, 1) for c in coefficients)
+            lr = group["lr"] * group["orthogonal_lr_scale"]
             u = F.manifold_step_direction(
                 x, xtg, s["exp_avg"][rows], s["exp_avg_sq"][rows], c_m, c_g, bc2,
-                lr=group["lr"] * group["orthogonal_lr_scale"], betas=group["betas"],
-                eps=group["eps"], weight_decay=group["orthogonal_weight_decay"])
+                lr=lr, betas=group["betas"], eps=group["eps"],
+                weight_decay=group["orthogonal_weight_decay"])
             del xtg
             lookahead = (s["slow"][rows], s["lookahead_sum"][rows], due[rows]) if k else ()
-            x = F.orthogonal_update(x, u, *lookahead, alpha=group["lookahead_alpha"], **rotation)
+            planner = None
+            if self.plan_every and group["update"] == "fast_exp":
+                planner = Planner(s[PLAN_STATE][rows], s["step"][rows], lr, group["precision"],
+                                  lookahead_k=k, alpha=group["lookahead_alpha"], every=self.plan_every,
+                                  clipped=self._counter(x.device))
+            x = F.orthogonal_update(x, u, *lookahead, alpha=group["lookahead_alpha"], planner=planner,
+                                    **rotation)
             torch._foreach_copy_(chunk, list(x.unbind(0)))
+
+    def _counter(self, device: torch.device) -> Tensor:
+        if device not in self._clipped:
+            self._clipped[device] = torch.zeros((), dtype=torch.int64, device=device)
+        return self._clipped[device]
+
+    def clipped_rotations(self) -> int:
+        """How many rotations FastExp's guard has scaled down since the optimizer was made (a
+        matrix whose step outgrew its plan between two refreshes: ``optim.plans``); reads the
+        device."""
+        return int(sum(int(c) for c in self._clipped.values()))
 
     def _euclidean_step(self, index: int, params: list[Tensor], group: dict[str, Any]) -> None:
         s = self._stacked((index,), params, _SCALARS)

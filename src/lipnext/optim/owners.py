@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .manifold_adam import _MOMENTS, _SCALARS, ManifoldAdam
+from .plans import PLAN_STATE, new_plan_state
 
 __all__ = ["OwnerShardedOptimizer", "assign_owners"]
 
@@ -130,9 +131,10 @@ class OwnerShardedOptimizer:
             return {}
         out = {}
         look = ("slow", "lookahead_sum") if group["lookahead_k"] else ()
-        for name in _SCALARS + _MOMENTS + look:
-            if name in _SCALARS:
-                t = st[name].to(self._device) if st else torch.zeros((), device=self._device)
+        for name in _SCALARS + (PLAN_STATE,) + _MOMENTS + look:
+            if name in _SCALARS or name == PLAN_STATE:       # CPU scalars; a plan saved before plans existed: none
+                default = new_plan_state() if name == PLAN_STATE else torch.zeros(())
+                t = st.get(name, default).to(self._device)
             else:
                 dtype = torch.promote_types(p.dtype, torch.float32)
                 t = st[name] if st else torch.empty(p.shape, dtype=dtype, device=self._device)

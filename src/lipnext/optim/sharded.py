@@ -18,6 +18,7 @@ takes that layout on every rank and keeps each rank's part.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -30,9 +31,30 @@ from ..nn.orthogonal import OrthogonalParameter
 from .manifold_adam import _SCALARS
 from .owners import OwnerShardedOptimizer
 
-__all__ = ["ShardedManifoldAdam"]
+__all__ = ["ShardedManifoldAdam", "gather_rows", "shard_rows"]
 
 _EMPTY = torch.empty(0)
+
+
+def shard_rows(n: int, world: int) -> int:
+    """Rows per rank of an n-row FSDP2 shard (torch.chunk: ceil(n/W), the last fewer)."""
+    return math.ceil(n / world)
+
+
+def gather_rows(local: Tensor, n: int, owner: int, group: dist.ProcessGroup, rank: int,
+                world: int) -> Callable[[], Tensor | None]:
+    """Start gathering the row shards ``local`` of an n-row FSDP2 tensor to ``owner`` only
+    (``dist.gather``, collective); the returned function waits for it and gives the whole
+    tensor on the owner, None elsewhere."""
+    buf = local.new_zeros((shard_rows(n, world), *local.shape[1:]))
+    buf[: len(local)] = local
+    bufs = [torch.empty_like(buf) for _ in range(world)] if owner == rank else None
+    work = dist.gather(buf, bufs, group=group, group_dst=owner, async_op=True)
+
+    def whole(_sent: Tensor = buf) -> Tensor | None:        # the send buffer lives until then
+        work.wait()
+        return None if bufs is None else torch.cat(bufs)[:n]
+    return whole
 
 
 def _local_rows(full: Tensor, p: DTensor) -> Tensor:
@@ -63,8 +85,7 @@ class ShardedManifoldAdam(OwnerShardedOptimizer):
                 if not g["orthogonal"]:
                     self.local[id(p)] = nn.Parameter(p.to_local().detach())
                 elif self.owner[id(p)] == self.rank:
-                    self.local[id(p)] = OrthogonalParameter(torch.empty(p.shape, dtype=p.dtype,
-                                                                        device=p.device))
+                    self.local[id(p)] = OrthogonalParameter(torch.empty(p.shape, dtype=p.dtype, device=p.device))
         self._build_inner(defaults)
         self._release()
 
@@ -75,18 +96,6 @@ class ShardedManifoldAdam(OwnerShardedOptimizer):
                 self.local[id(p)].data = _EMPTY.to(p.device, p.dtype)
         for proxy in self.local.values():
             proxy.grad = None
-
-    def _rows(self, n: int) -> int:
-        """Rows per rank of an n-row FSDP2 shard (torch.chunk: ceil(n/W), the last fewer)."""
-        return math.ceil(n / self.world)
-
-    def _gather(self, local: Tensor, n: int, owner: int) -> tuple[Any, Tensor, list[Tensor]]:
-        """Start gathering the row shards ``local`` of an n-row matrix to ``owner``."""
-        buf = local.new_zeros((self._rows(n), *local.shape[1:]))
-        buf[: len(local)] = local
-        bufs = [torch.empty_like(buf) for _ in range(self.world)] if owner == self.rank else None
-        work = dist.gather(buf, bufs, group=self.group, group_dst=owner, async_op=True)
-        return work, buf, bufs
 
     def _pull(self, with_grad: bool) -> None:
         """Point the proxies at the current rows, and gather each X (and G) to its owner."""
@@ -99,15 +108,16 @@ class ShardedManifoldAdam(OwnerShardedOptimizer):
                     self.local[id(p)].grad = grad.to_local() if grad is not None else None
                     continue
                 owner = self.owner[id(p)]
-                if owner == self.rank:        # the gradient's form as the step's backward made it
+                if owner == self.rank:       # the gradient's form as the step delivers it now
                     mark_lie_gradient(self.local[id(p)], has_lie_gradient(p))
-                pending.append((p, "data", self._gather(p.to_local(), p.shape[0], owner)))
+                gather = dict(n=p.shape[0], owner=owner, group=self.group, rank=self.rank, world=self.world)
+                pending.append((p, "data", gather_rows(p.to_local(), **gather)))
                 if grad is not None:
-                    pending.append((p, "grad", self._gather(grad.to_local(), p.shape[0], owner)))
-        for p, what, (work, _, bufs) in pending:
-            work.wait()
-            if bufs is not None:
-                setattr(self.local[id(p)], what, torch.cat(bufs)[: p.shape[0]])
+                    pending.append((p, "grad", gather_rows(grad.to_local(), **gather)))
+        for p, what, whole in pending:
+            full = whole()
+            if full is not None:
+                setattr(self.local[id(p)], what, full)
 
     def _pull_orthogonal(self) -> None:
         self._pull(with_grad=False)
@@ -116,7 +126,7 @@ class ShardedManifoldAdam(OwnerShardedOptimizer):
         """Each owner sends every rank its rows of the new X (dist.scatter)."""
         pending = []
         for p, owner in self.orthogonal():
-            rows = self._rows(p.shape[0])
+            rows = shard_rows(p.shape[0], self.world)
             buf = torch.empty((rows, *p.shape[1:]), dtype=p.dtype, device=p.device)
             parts = None
             if owner == self.rank:
