@@ -69,7 +69,21 @@ def stage_numerics(ctx: StageContext) -> None:
     _fast_exp(ctx, dev)
     _drift(ctx, dev)
     _retraction(ctx, dev)
+    _fft_constant(ctx, dev)
     _certificates(ctx, dev, cpu)
+
+
+def _fft_constant(ctx: StageContext, dev: torch.device) -> None:
+    """The FFT error constant that BRONet's float64 step assumes (``rounding.FFT_CONSTANT`` = 64),
+    measured on the device's FFT against a long-double FFT on the host (0.32 on the CPU)."""
+    from ..verify.precision import fft_error_constant
+    grids = ((4, 4), (7, 5), (8, 8)) if ctx.smoke else ((4, 4), (7, 5), (8, 8), (14, 14), (16, 16), (28, 28),
+                                                       (32, 32), (56, 56), (64, 64))
+    measured = fft_error_constant(dev, grids=grids, trials=2)
+    ctx.record(fft_constant=measured)
+    worst = max(measured["constant"].values())
+    ctx.check("the device's FFT error is within the assumed constant", worst < measured["assumed"] / 8,
+              f"measured {worst:.2f} u (log2 N + 1) ||x||, assumed {measured['assumed']:g}")
 
 
 def _products(ctx: StageContext, dev: torch.device) -> None:

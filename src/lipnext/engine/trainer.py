@@ -17,8 +17,9 @@ written at the start, rewritten when it is interrupted and when it finishes.
 
 Everything random is a function of (seed, step) (see ``batches``), so a run resumed from a
 checkpoint repeats the uninterrupted run exactly on CPU. Under FSDP the model is sharded in
-place: the bound gathers the weights for a moment, checkpoints are gathered to the unsharded
-layout, and rank 0 certifies an unsharded copy.
+place: each block's bound is computed on the rank that owns it from its gathered fp32 rows
+(``engine.distributed.lipschitz_bound``), checkpoints are gathered to the unsharded layout,
+and rank 0 certifies an unsharded copy.
 """
 from __future__ import annotations
 
