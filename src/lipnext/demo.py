@@ -65,6 +65,11 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
 
 
 def print_results(results: dict, out: str) -> None:
-    """The engine prints the table and the run folder; list what it holds."""
+    """The engine prints the table and the run folder; list what it holds and where the card is."""
+    from pathlib import Path
+
+    from .card import CARD_NAME, README_NAME, SAMPLES_NAME
+
     print(f"  {out} holds model.safetensors, config.yaml, results.json, metrics.jsonl, "
-          "certified_accuracy.png")
+          f"certified_accuracy.png, {SAMPLES_NAME}")
+    print(f"  model card: {Path(out) / README_NAME} (and {Path(out) / CARD_NAME})")

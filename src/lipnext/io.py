@@ -92,9 +92,14 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     return meta
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> CertifiableModel:
-    """Rebuild a model saved by :func:`save_model` (a file or a run folder), in eval mode."""
-    target = _weights_path(path)
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
+               sha256: str | None = None) -> CertifiableModel:
+    """Rebuild a model saved by :func:`save_model`, in eval mode, from a run folder, a weights
+    file, a URL with its sha256 or ``hf-hub:ORG/NAME[@REV]`` (``lipnext.hub.resolve``, which
+    checks the file's sha256 against ``sha256`` and the source's own)."""
+    from .hub import resolve
+
+    target = resolve(path, sha256)
     meta = read_metadata(target)
     try:
         arch, config = meta["arch"], json.loads(meta["config"])

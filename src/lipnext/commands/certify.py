@@ -14,6 +14,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_target_arguments(p, batch_size=512)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--plot", default=None, help="save the certified-accuracy curve here (.png)")
+    p.add_argument("--per-sample", default=None, metavar="FILE",
+                   help="write every image's index, label, prediction, margin and radius here (.csv or .npz)")
     p.set_defaults(func=run)
 
 
@@ -26,6 +28,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1 (leave it out to certify every image), got {args.limit}")
+    if args.per_sample:
+        from ..samples import SUFFIXES
+        if not args.per_sample.lower().endswith(SUFFIXES):
+            raise ValueError(f"--per-sample {args.per_sample}: name the file .csv or .npz")
     t = load_target(args, "certify")
     target, model, ds, data, radii, unit = t.path, t.model, t.dataset, t.data, t.radii, t.unit
     cert = certify_dataset(model, ds, args.rule, args.batch_size, args.limit)
@@ -35,6 +41,9 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(res))
     if args.out:
         write_json(res, args.out)
+    if args.per_sample:
+        from ..samples import write_per_sample
+        print(f"per-image certificates: {write_per_sample(cert, args.per_sample)}")
     if args.plot:
         plot_certified_accuracy(cert, args.plot, marks=[r / unit for r in radii],
                                 mark_labels=[radius_label(r, unit) for r in radii],

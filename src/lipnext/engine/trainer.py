@@ -28,6 +28,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from ..card import write_run_artefacts
 from ..config import Config, dataset_options, load_config, to_yaml, warmup_epochs
 from ..data import Augment, BatchSource, get_dataset, parse_spec
 from ..io import atomic_write, save_model
@@ -38,6 +39,7 @@ from ..models.registry import build_from_config
 from ..optim import build_optimizer
 from ..program import same_function
 from ..report import format_table, plot_certified_accuracy, results_dict, write_json
+from ..trackers import open_trackers
 from .batches import BatchPlan, additional_data, step_generator
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .evaluate import certify_dataset
@@ -196,7 +198,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write(self.run_dir / "config.yaml", lambda p: Path(p).write_text(to_yaml(self.cfg)))
             print(self._banner(), flush=True)
-        self.log = MetricsLog(self.run_dir, self.info.is_main, self.cfg.train.tensorboard, resume_step)
+        self.log = MetricsLog(self.run_dir, self.info.is_main, self.cfg.train.tensorboard, resume_step,
+                              open_trackers(self.cfg, self.run_dir) if self.info.is_main else ())
 
     def _dataset(self, split: str) -> BatchSource:
         """The ``split`` of the run's data (loaded once; ValueError if the data has none)."""
@@ -534,6 +537,7 @@ class Trainer:
                        "world_size": self.info.world_size, "device": str(self.device),
                        "precision": "bf16" if self.bf16 else "fp32", "run_dir": str(self.run_dir),
                        "additional_data": additional_data(self.plan, cfg.data.generated)}
+            cert = None
             if split is None:
                 write_json({**results, "certified": False}, self.run_dir / "results.json")
                 self.log.log({"kind": "final", "step": self.step, "split": None})
@@ -549,7 +553,9 @@ class Trainer:
                               ("clean_accuracy", "cra", "lipschitz_bound", "split", "n")}})
                 print(f"certified on the {split} split ({res['n']} images), rule {res['rule']}:")
                 print(format_table(results))
-            print(f"run folder: {self.run_dir}")
+            artefacts = write_run_artefacts(self.run_dir, cert)
+            self.log.artifacts(artefacts)
+            print(f"model card: {artefacts[-1]} ({artefacts[-2].name} beside it)\nrun folder: {self.run_dir}")
         self.log.close()
         barrier(self.info)
         return results
