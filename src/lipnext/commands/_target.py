@@ -25,7 +25,8 @@ class Target:
 def add_target_arguments(p: argparse.ArgumentParser, batch_size: int) -> None:
     """The options `lipnext certify` and `lipnext verify` share: the model, the data split,
     the radii, the rule, the batch size and the device."""
-    p.add_argument("model", help="run folder, checkpoint folder or .safetensors weights")
+    p.add_argument("model", help="run folder, checkpoint folder, .safetensors weights, URL#sha256=HEX "
+                   "or hf-hub:ORG/NAME[@REV]")
     p.add_argument("--data", default=None, help="dataset spec: digits, npz:<file>, <file>.npz, "
                    "cifar10:<dir>, cifar100:<dir>, tiny-imagenet:<dir>")
     p.add_argument("--split", default="test", choices=SPLITS)
@@ -49,13 +50,15 @@ def load_target(args: argparse.Namespace, verb: str) -> Target:
 
     from ..config import config_from_dict, dataset_options
     from ..data import get_dataset
+    from ..hub import is_remote
     from ..io import load_model
 
+    remote = is_remote(args.model)                 # a URL or hf-hub: name (lipnext.hub)
     path = Path(args.model)
-    if not path.exists():
+    if not remote and not path.exists():
         raise FileNotFoundError(f"no run folder or weights at {path}")
     data, opts, radii, unit = args.data, {}, args.radii, args.radius_unit
-    run_cfg = path / "config.yaml" if path.is_dir() else None
+    run_cfg = path / "config.yaml" if not remote and path.is_dir() else None
     if run_cfg is not None and run_cfg.is_file() and (data is None or radii is None):
         try:
             cfg = config_from_dict(yaml.safe_load(run_cfg.read_text()))
@@ -74,7 +77,7 @@ def load_target(args: argparse.Namespace, verb: str) -> Target:
         opts["holdout"] = args.holdout
     if args.val_fraction is not None:
         opts["val_fraction"] = args.val_fraction
-    model = load_model(path, args.device)
+    model = load_model(args.model, args.device)
     ds = get_dataset(data, args.split, **opts)
     if ds.num_classes != model.num_classes:
         raise ValueError(f"the model has {model.num_classes} classes, the data {ds.num_classes}")

@@ -49,7 +49,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ortho-tol", type=float, default=1e-4, help="max |X^T X - I| allowed")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None,
-                   help="folder for verify.json and verify.md (default: the run folder, or next to the weights)")
+                   help="folder for verify.json and verify.md (default: the run folder, next to the weights, "
+                   "or the current folder for a URL or hf-hub: model)")
     p.set_defaults(func=run)
 
 
@@ -78,7 +79,7 @@ def parse_budget(text: str) -> tuple[int | None, float | None]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..hub import file_sha256, resolve
+    from ..hub import file_sha256, is_remote, resolve
     from ..io import atomic_write
     from ..verify import Budget, verify_model
 
@@ -114,9 +115,10 @@ def run(args: argparse.Namespace) -> int:
                           batch_size=args.batch_size, progress=not args.no_progress, autoattack=args.autoattack)
     report.info.update({"weights": str(target), "data": data, "split": args.split,
                         "radii": radii, "radius_unit": unit})
-    out = Path(args.out) if args.out else (target if target.is_dir() else target.parent)
+    out = Path(args.out) if args.out else Path(".") if is_remote(args.model) else \
+        (target if target.is_dir() else target.parent)
     if args.autoattack and "autoattack" in [c.name for c in report.checks]:
-        report["autoattack"].details["weights_sha256"] = file_sha256(resolve(target))
+        report["autoattack"].details["weights_sha256"] = file_sha256(resolve(args.model))
     atomic_write(out / "verify.json", lambda tmp: Path(tmp).write_text(report.to_json() + "\n"))
     atomic_write(out / "verify.md", lambda tmp: Path(tmp).write_text(report.to_markdown() + "\n"))
     print(f"{target} on {data} ({args.split}, {len(y)} images):")

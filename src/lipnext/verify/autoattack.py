@@ -71,7 +71,7 @@ def autoattack_check(model, x: torch.Tensor, y: torch.Tensor, certificate: Certi
             atk = torchattacks.AutoAttack(wrapped, norm="L2", eps=e, version="standard",
                                           n_classes=int(model.num_classes), seed=seed)
             with frozen(model):
-                xa = atk(x[idx], y[idx])
+                xa = atk(x[idx], y[idx]).detach()
             with torch.no_grad(), evaluating(model):
                 wrong = model(xa).argmax(1) != y[idx]
             inside = _norm(xa - x[idx]) <= e * (1 + _TOL)
