@@ -102,3 +102,11 @@ def test_card_refuses_bad_folders_and_foreign_readmes(run_copy, tmp_path, capsys
     assert main(["card", str(run_copy)]) == 2
     assert "not a lipnext model card" in capsys.readouterr().err
     assert (run_copy / README_NAME).read_text() == "# my own notes\n"
+
+
+def test_demo_writes_the_card_and_says_where(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--epochs", "1", "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert f"model card: {out / README_NAME} ({CARD_NAME} beside it)" in printed
+    assert read_card(out)["model"] == "lipnext_l8w128" and (out / SAMPLES_NAME).is_file()

@@ -65,11 +65,8 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
 
 
 def print_results(results: dict, out: str) -> None:
-    """The engine prints the table and the run folder; list what it holds and where the card is."""
-    from pathlib import Path
-
+    """The engine prints the table, where the model card is and the run folder; list what it holds."""
     from .card import CARD_NAME, README_NAME, SAMPLES_NAME
 
     print(f"  {out} holds model.safetensors, config.yaml, results.json, metrics.jsonl, "
-          f"certified_accuracy.png, {SAMPLES_NAME}")
-    print(f"  model card: {Path(out) / README_NAME} (and {Path(out) / CARD_NAME})")
+          f"certified_accuracy.png, {SAMPLES_NAME} and the model card ({README_NAME}, {CARD_NAME})")

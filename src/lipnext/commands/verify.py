@@ -33,6 +33,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="also run the standard L2 AutoAttack (APGD-CE, APGD-T, FAB-T, Square; torchattacks) at "
                    "every eps on the attacked points and fail unless its robust accuracy >= CRA (minutes per "
                    "100 points on a CPU, see docs/RELIABILITY.md); the figures go into the model card")
+    p.add_argument("--no-attacks", action="store_true",
+                   help="skip check (c), the attacks at each certified radius (e.g. to run --autoattack alone)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--steps", type=int, default=100, help="PGD steps (default 100)")
     p.add_argument("--restarts", type=int, default=5, help="PGD restarts (default 5)")
@@ -112,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
     report = verify_model(model, x.to(args.device), y.to(args.device), eps=[r / unit for r in radii],
                           rule=args.rule, budget=budget, box=not args.no_box,
                           radius_scale=args.radius_scale, ortho_tol=args.ortho_tol, seed=args.seed,
-                          batch_size=args.batch_size, progress=not args.no_progress, autoattack=args.autoattack)
+                          batch_size=args.batch_size, progress=not args.no_progress, autoattack=args.autoattack,
+                          attacks=not args.no_attacks)
     report.info.update({"weights": str(target), "data": data, "split": args.split,
                         "radii": radii, "radius_unit": unit})
     out = Path(args.out) if args.out else Path(".") if is_remote(args.model) else \
