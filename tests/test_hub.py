@@ -113,6 +113,7 @@ def _offline(cache: Path, code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_hf_hub_offline_from_a_hub_cache(tiny_run, tmp_path):
     pytest.importorskip("huggingface_hub")
     cache = tmp_path / "hub"
@@ -183,6 +184,7 @@ def test_hf_hub_bad_names(tmp_path):
         lipnext.load_model("hf-hub:no-slash")
 
 
+@pytest.mark.slow
 def test_hubconf_load_and_list(tiny_run, tmp_path):
     """torch.hub.load(REPO_DIR, name, source="local", pretrained=...) and torch.hub.list for every
     registered name (torch.hub.list reads GitHub repositories: here from its cache, offline)."""
