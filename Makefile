@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # The CPU build of torch; override TORCH for another build (e.g. TORCH='torch>=2.3').
 TORCH  ?= torch==2.13.0
-EXTRAS ?= demo,log,test,bench
+EXTRAS ?= demo,log,test,bench,hub,export,wandb,mlflow
 STAMP  := $(VENV)/.installed
 
 .PHONY: install demo shell test test-quick bench gpu-check clean

@@ -16,8 +16,9 @@ __version__ = "0.1.0"
 # public name -> the submodule that defines it
 _NAMES = {"Certificate": "certify", "certify": "certify", "load_model": "io", "save_model": "io",
           "LipNeXt": "models", "create_model": "models", "list_models": "models"}
-SUBMODULES = ("bench", "bounds", "certify", "config", "data", "demo", "engine", "io", "losses",
-              "models", "nn", "ops", "optim", "program", "report", "rounding", "train", "verify")
+SUBMODULES = ("bench", "bounds", "card", "certify", "compare", "config", "data", "demo", "engine", "export",
+              "hub", "io", "losses", "models", "nn", "ops", "optim", "predict", "program", "report", "rounding",
+              "samples", "trackers", "train", "verify")
 
 __all__ = [*sorted(_NAMES), *SUBMODULES, "__version__"]
 

@@ -94,6 +94,7 @@ class Certificate:
     rule: str
     numerics: str = "float64-proven"   # one of NUMERICS
     range_limited: torch.Tensor = field(default=None)  # (N,) bool: radius cut where float64's range ends
+    labels: torch.Tensor | None = None  # (N,) int64: the labels certified against (None: not kept)
 
     def __post_init__(self) -> None:
         if self.range_limited is None:
@@ -127,7 +128,7 @@ class Certificate:
         """The certificates of the examples picked by ``index`` (a slice, mask or indices)."""
         return Certificate(self.radius[index], self.correct[index], self.predictions[index],
                            self.margin[index], self.lipschitz, self.rule, self.numerics,
-                           self.range_limited[index])
+                           self.range_limited[index], None if self.labels is None else self.labels[index])
 
     @staticmethod
     def cat(certs: list["Certificate"]) -> "Certificate":
@@ -140,7 +141,9 @@ class Certificate:
                              ("radius", "correct", "predictions", "margin")),
                            lipschitz=max(c.lipschitz for c in certs), rule=certs[0].rule,
                            numerics=certs[0].numerics,
-                           range_limited=torch.cat([c.range_limited for c in certs]))
+                           range_limited=torch.cat([c.range_limited for c in certs]),
+                           labels=None if any(c.labels is None for c in certs)
+                           else torch.cat([c.labels for c in certs]))
 
 
 def _pair_error(rb: RoundingBound, w: torch.Tensor, y: torch.Tensor,
@@ -210,7 +213,7 @@ def _radii(logits: torch.Tensor, y: torch.Tensor, head_weight: torch.Tensor, lip
     radius = torch.where(correct, radius.clamp_min(0.0), torch.zeros_like(radius))
     return Certificate(radius=radius.cpu(), correct=correct.cpu(), predictions=z.argmax(1).cpu(),
                        margin=margin.cpu(), lipschitz=float(lipschitz), rule=rule, numerics=numerics,
-                       range_limited=limited.cpu())
+                       range_limited=limited.cpu(), labels=y.cpu())
 
 
 def certified_radius(logits: torch.Tensor, y: torch.Tensor, head_weight: torch.Tensor,

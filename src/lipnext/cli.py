@@ -19,7 +19,8 @@ from .runlock import RunFolderBusy
 
 # Subcommand modules, in the order `lipnext --help` lists them. A module imports nothing
 # heavy (torch) at import time: `lipnext --help` stays fast.
-COMMANDS = ["demo", "train", "certify", "verify", "models", "bench", "study"]
+COMMANDS = ["demo", "train", "certify", "verify", "predict", "card", "export", "compare", "models", "bench",
+            "study"]
 
 # A user's mistake (bad path, shape, key, value) is reported in one line, no traceback.
 USER_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, NotADirectoryError,

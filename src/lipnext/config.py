@@ -20,8 +20,9 @@ from omegaconf.errors import OmegaConfBaseException
 from .options import RULES, SPLITS
 
 __all__ = ["Config", "DataConfig", "AugmentConfig", "ModelConfig", "OptimConfig", "LossConfig",
-           "TrainConfig", "CertifyConfig", "DistConfig", "load_config", "to_yaml", "config_from_dict",
-           "dataset_options", "warmup_epochs", "resolve_config_path", "packaged_configs", "check_image_size"]
+           "TrainConfig", "CertifyConfig", "DistConfig", "LogConfig", "load_config", "to_yaml",
+           "config_from_dict", "dataset_options", "warmup_epochs", "resolve_config_path", "packaged_configs",
+           "check_image_size"]
 
 
 @dataclass
@@ -129,6 +130,15 @@ class DistConfig:
 
 
 @dataclass
+class LogConfig:
+    wandb: bool = False                  # also log to Weights & Biases (extra wandb; lipnext.trackers)
+    wandb_mode: Optional[str] = None     # online | offline | disabled (null: WANDB_MODE or W&B's default)
+    mlflow: bool = False                 # also log to MLflow (extra mlflow)
+    mlflow_uri: Optional[str] = None     # tracking URI (null: MLFLOW_TRACKING_URI or MLflow's default)
+    project: str = "lipnext"             # W&B project / MLflow experiment
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/default"
     resume: bool = False                 # continue from the last checkpoint in run_dir
@@ -141,6 +151,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     certify: CertifyConfig = field(default_factory=CertifyConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 _CHOICES = {"loss.name": ("emma", "margin", "ce"), "train.precision": ("auto", "bf16", "fp32"),
@@ -236,6 +247,8 @@ def _check(cfg: Config) -> Config:
         value = OmegaConf.select(cfg, key)
         if value not in choices:
             raise ValueError(f"config {key}={value!r}: choose one of {', '.join(choices)}")
+    if cfg.log.wandb_mode not in (None, "online", "offline", "disabled"):
+        raise ValueError(f"config log.wandb_mode={cfg.log.wandb_mode!r}: choose online, offline, disabled or null")
     _check_numbers(cfg)
     _check_names(cfg)
     if not 0 <= cfg.data.generated_fraction < 1:

@@ -67,6 +67,8 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
 
 
 def print_results(results: dict, out: str) -> None:
-    """The engine prints the table and the run folder; list what it holds."""
+    """The engine prints the table, where the model card is and the run folder; list what it holds."""
+    from .card import CARD_NAME, README_NAME, SAMPLES_NAME
+
     print(f"  {out} holds model.safetensors, config.yaml, results.json, metrics.jsonl, "
-          "certified_accuracy.png")
+          f"certified_accuracy.png, {SAMPLES_NAME} and the model card ({README_NAME}, {CARD_NAME})")

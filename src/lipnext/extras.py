@@ -12,7 +12,10 @@ EXTRAS = {"sklearn": ("scikit-learn", "demo"), "matplotlib": ("matplotlib", "dem
           "tensorboard": ("tensorboard", "log"), "PIL": ("pillow", "imagenet"),
           "geoopt": ("geoopt", "bench"), "geotorch": ("geotorch", "bench"),
           "deel": ("deel-torchlip", "bench"), "orthogonium": ("orthogonium", "bench"),
-          "pytest": ("pytest", "test"), "hypothesis": ("hypothesis", "test")}
+          "pytest": ("pytest", "test"), "hypothesis": ("hypothesis", "test"),
+          "huggingface_hub": ("huggingface_hub", "hub"), "onnx": ("onnx", "export"),
+          "onnxscript": ("onnxscript", "export"), "onnxruntime": ("onnxruntime", "export"),
+          "wandb": ("wandb", "wandb"), "mlflow": ("mlflow-skinny", "mlflow")}
 
 
 class MissingExtra(ImportError):

@@ -97,7 +97,8 @@ def check_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: 
                          "another copy or an earlier checkpoint")
 
 
-def _weights_path(path: str | os.PathLike) -> Path:
+def weights_path(path: str | os.PathLike) -> Path:
+    """The weights file of ``path``: itself, or model.safetensors in a folder."""
     path = Path(path)
     return path / WEIGHTS_NAME if path.is_dir() or path.suffix == "" else path
 
@@ -108,7 +109,7 @@ def save_model(model: CertifiableModel, path: str | os.PathLike,
 
     ``state_dict`` replaces ``model.state_dict()`` (e.g. the gathered weights of an FSDP model).
     """
-    target = _weights_path(path)
+    target = weights_path(path)
     state_dict = model.state_dict() if state_dict is None else state_dict
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items() if v is not None}
     meta = {"format": "lipnext", "format_version": FORMAT_VERSION, "arch": model.arch,
@@ -120,7 +121,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The safetensors metadata of a lipnext weights file, with clear errors."""
     from safetensors import safe_open
 
-    target = _weights_path(path)
+    target = weights_path(path)
     if not target.exists():
         raise FileNotFoundError(f"no model weights at {target}")
     try:
@@ -138,10 +139,15 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     return meta
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> CertifiableModel:
-    """Rebuild a model saved by :func:`save_model` (a file or a run folder), in eval mode, after
-    checking its tensors' sha256; read on the CPU, then moved to ``device``."""
-    target = _weights_path(path)
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
+               sha256: str | None = None) -> CertifiableModel:
+    """Rebuild a model saved by :func:`save_model`, in eval mode, after checking its tensors'
+    sha256: from a run folder, a weights file, a URL with its sha256 or ``hf-hub:ORG/NAME[@REV]``
+    (``lipnext.hub.resolve``, which checks the file's sha256 against ``sha256`` and the source's
+    own); read on the CPU, then moved to ``device``."""
+    from .hub import resolve
+
+    target = resolve(path, sha256)
     meta = read_metadata(target)
     try:
         arch, config = meta["arch"], json.loads(meta["config"])

@@ -25,7 +25,8 @@ class Target:
 def add_target_arguments(p: argparse.ArgumentParser, batch_size: int) -> None:
     """The options `lipnext certify` and `lipnext verify` share: the model, the data split,
     the radii, the rule, the batch size and the device."""
-    p.add_argument("model", help="run folder, checkpoint folder or .safetensors weights")
+    p.add_argument("model", help="run folder, checkpoint folder, .safetensors weights, URL#sha256=HEX "
+                   "or hf-hub:ORG/NAME[@REV]")
     p.add_argument("--data", default=None, help="dataset spec: digits, npz:<file>, <file>.npz, "
                    "cifar10:<dir>, cifar100:<dir>, tiny-imagenet:<dir>")
     p.add_argument("--split", default="test", choices=SPLITS)
@@ -176,15 +177,17 @@ def load_target(args: argparse.Namespace, verb: str) -> Target:
     training images."""
     from ..config import dataset_options
     from ..data import get_dataset, parse_spec
+    from ..hub import is_remote
     from ..io import load_model
     from ..provenance import record_data_spec
 
     check_target_arguments(args)
+    remote = is_remote(args.model)                 # a URL or hf-hub: name (lipnext.hub)
     path = Path(args.model)
-    if not path.exists():
+    if not remote and not path.exists():
         raise FileNotFoundError(f"no run folder or weights at {path}")
     data, opts, radii, unit = args.data, {}, args.radii, args.radius_unit
-    run = run_folder(path)
+    run = None if remote else run_folder(path)
     cfg = _run_config(run) if run is not None else None
     run_data = _run_data(run) if run is not None else None
     from_run = data is None and cfg is not None
@@ -209,7 +212,7 @@ def load_target(args: argparse.Namespace, verb: str) -> Target:
         ckpts = sorted((path / "checkpoints").glob("step_*"))
         raise FileNotFoundError(f"{path} has no model.safetensors: the run has not finished"
                                 + (f"; certify its last checkpoint: {ckpts[-1]}" if ckpts else ""))
-    model = load_model(path, args.device)
+    model = load_model(args.model if remote else path, args.device)
     ds = get_dataset(data, args.split, **opts)
     if ds.num_classes != model.num_classes:
         raise ValueError(f"the model has {model.num_classes} classes, the data {ds.num_classes}")

@@ -16,6 +16,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_target_arguments(p, batch_size=512)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--plot", default=None, help="save the certified-accuracy curve here (.png)")
+    p.add_argument("--per-sample", default=None, metavar="FILE",
+                   help="write every image's index, label, prediction, margin and radius here (.csv or .npz)")
     p.set_defaults(func=run)
 
 
@@ -26,7 +28,11 @@ def run(args: argparse.Namespace) -> int:
     from ..report import format_table, plot_certified_accuracy, results_dict, write_json
     from ..runlock import run_lock
 
-    outputs = [Path(p) for p in (args.out, args.plot) if p]
+    if args.per_sample:
+        from ..samples import SUFFIXES
+        if not args.per_sample.lower().endswith(SUFFIXES):
+            raise ValueError(f"--per-sample {args.per_sample}: name the file .csv or .npz")
+    outputs = [Path(p) for p in (args.out, args.plot, args.per_sample) if p]
     for opt, p in (("--out", args.out), ("--plot", args.plot)):
         if p and Path(p).is_dir():
             raise IsADirectoryError(f"{opt} {p} is a folder; give a file name (e.g. {Path(p) / 'certify.json'})"
@@ -45,6 +51,9 @@ def run(args: argparse.Namespace) -> int:
         print(format_table(res), flush=True)       # on the terminal before anything is written
         if args.out:
             write_json(res, args.out)
+        if args.per_sample:
+            from ..samples import write_per_sample
+            print(f"per-image certificates: {write_per_sample(cert, args.per_sample)}")
         if args.plot:
             plot_certified_accuracy(cert, args.plot, marks=[r / unit for r in radii],
                                     mark_labels=[radius_label(r, unit) for r in radii],

@@ -30,6 +30,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--library", choices=["auto", "yes", "no"], default="auto",
                    help="torchattacks APGD-CE/DLR and FAB in addition to PGD and DDN: auto (when installed), "
                    "yes (required), no")
+    p.add_argument("--autoattack", action="store_true",
+                   help="also run the standard L2 AutoAttack (APGD-CE, APGD-T, FAB-T, Square; torchattacks) at "
+                   "every eps on the attacked points and fail unless its robust accuracy >= CRA (minutes per "
+                   "100 points on a CPU, see docs/RELIABILITY.md); the figures go into the model card")
+    p.add_argument("--no-attacks", action="store_true",
+                   help="skip check (c), the attacks at each certified radius (e.g. to run --autoattack alone)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--steps", type=int, default=100, help="PGD steps (default 100)")
     p.add_argument("--restarts", type=int, default=5, help="PGD restarts (default 5)")
@@ -46,7 +52,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ortho-tol", type=float, default=1e-4, help="max |X^T X - I| allowed")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None,
-                   help="folder for verify.json and verify.md (default: the run folder, or next to the weights)")
+                   help="folder for verify.json and verify.md (default: the run folder, next to the weights, "
+                   "or the current folder for a URL or hf-hub: model)")
     p.set_defaults(func=run)
 
 
@@ -73,6 +80,7 @@ def parse_budget(text: str) -> tuple[int | None, float | None]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..hub import is_remote
     from ..runlock import run_lock
 
     for name in ("steps", "restarts", "ddn_steps", "era_restarts", "lipschitz_steps",
@@ -83,16 +91,17 @@ def run(args: argparse.Namespace) -> int:
     if args.attack_points is not None:
         points = args.attack_points or None
     library = {"auto": None, "yes": True, "no": False}[args.library]
-    if library:
+    if library or args.autoattack:
         from ..verify import library_available
         if not library_available():
-            raise ValueError("--library yes needs torchattacks: pip install --no-deps torchattacks "
-                             "(see docs/RELIABILITY.md)")
+            raise ValueError(f"{'--autoattack' if args.autoattack else '--library yes'} needs torchattacks: "
+                             "pip install --no-deps torchattacks (see docs/RELIABILITY.md)")
     _positive("--ortho-tol", args.ortho_tol)
     target = Path(args.model)
-    if not target.exists():
+    remote = is_remote(args.model)                 # a URL or hf-hub: name (lipnext.hub)
+    if not remote and not target.exists():
         raise FileNotFoundError(f"no run folder or weights at {target}")
-    out = Path(args.out) if args.out else (target if target.is_dir() else target.parent)
+    out = Path(args.out) if args.out else Path(".") if remote else (target if target.is_dir() else target.parent)
     with ExitStack() as stack:
         try:
             stack.enter_context(run_lock(out, "lipnext verify"))
@@ -108,6 +117,7 @@ def _verify(args: argparse.Namespace, t, out: Path, library: bool | None, points
     verify.md into ``out``."""
     import torch
 
+    from ..hub import file_sha256, resolve
     from ..io import atomic_write
     from ..verify import Budget, verify_model
 
@@ -123,12 +133,18 @@ def _verify(args: argparse.Namespace, t, out: Path, library: bool | None, points
     report = verify_model(model, x.to(args.device), y.to(args.device), eps=[r / unit for r in radii],
                           rule=args.rule, budget=budget, box=not args.no_box,
                           radius_scale=args.radius_scale, ortho_tol=args.ortho_tol, seed=args.seed,
-                          batch_size=args.batch_size, progress=not args.no_progress)
+                          batch_size=args.batch_size, progress=not args.no_progress, autoattack=args.autoattack,
+                          attacks=not args.no_attacks)
     report.info.update({"weights": str(target), "data": data, "split": args.split,
                         "radii": radii, "radius_unit": unit})
+    if args.autoattack and "autoattack" in [c.name for c in report.checks]:
+        report["autoattack"].details["weights_sha256"] = file_sha256(resolve(args.model))
     print(f"{target} on {data} ({args.split}, {len(y)} images):")
     print(report.to_markdown(), flush=True)
     atomic_write(out / "verify.json", lambda tmp: Path(tmp).write_text(report.to_json() + "\n"))
     atomic_write(out / "verify.md", lambda tmp: Path(tmp).write_text(report.to_markdown() + "\n"))
     print(f"\nwritten: {out / 'verify.json'}, {out / 'verify.md'}")
+    if args.autoattack and target.is_dir() and (target / "results.json").is_file() and out == target:
+        from ..card import write_card
+        print(f"model card with the AutoAttack figures: {write_card(target)[1]}")
     return 0 if report.passed else 1

@@ -1,13 +1,16 @@
-"""What a run records (rank 0 only): metrics as JSON lines (``<run>/metrics.jsonl``) and,
-if the ``tensorboard`` package is installed, TensorBoard events (``<run>/tensorboard``)."""
+"""What a run records (rank 0 only): metrics as JSON lines (``<run>/metrics.jsonl``), if the
+``tensorboard`` package is installed TensorBoard events (``<run>/tensorboard``), and the same
+scalars in the trackers that ``log.wandb`` / ``log.mlflow`` switch on (``lipnext.trackers``)."""
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..io import atomic_write, write_error
+from ..trackers import Tracker, scalars
 
 __all__ = ["MetricsLog", "read_metrics"]
 
@@ -22,10 +25,12 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 class MetricsLog:
     """Append-only metrics; on resume, records after the checkpoint's step are dropped."""
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, resume_step: int | None = None):
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, resume_step: int | None = None,
+                 trackers: Sequence[Tracker] = ()):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.writer = None
+        self.trackers = list(trackers)
         if not enabled:
             return
         if resume_step is None:
@@ -62,15 +67,18 @@ class MetricsLog:
             self._fh.flush()
         except OSError as e:                   # a full disk: say which file
             raise write_error(e, self.path) from None
+        values, step = scalars(record), record.get("step", 0)
         if self.writer is not None:
-            kind = record.get("kind", "train")
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "epoch"):
-                    self.writer.add_scalar(f"{kind}/{k}", v, record.get("step", 0))
-                elif isinstance(v, dict):
-                    for kk, vv in v.items():
-                        if isinstance(vv, (int, float)):
-                            self.writer.add_scalar(f"{kind}/{k}@{kk}", vv, record.get("step", 0))
+            for k, v in values.items():
+                self.writer.add_scalar(k, v, step)
+        for tracker in self.trackers:
+            tracker.log_scalars(values, step)
+
+    def artifacts(self, paths: Sequence[Path]) -> None:
+        """Hand files (the model card, results.json) to the trackers."""
+        if self.enabled:
+            for tracker in self.trackers:
+                tracker.log_artifacts(paths)
 
     def close(self) -> None:
         if not self.enabled:
@@ -80,3 +88,6 @@ class MetricsLog:
         self._fh.close()
         if self.writer is not None:
             self.writer.close()
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []

@@ -39,6 +39,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from ..card import write_run_artefacts
 from ..config import Config, check_image_size, dataset_options, load_config, to_yaml, warmup_epochs
 from ..data import SPLITS, Augment, BatchSource, get_dataset, parse_spec, split_options
 from ..io import atomic_write, save_model, tensors_sha256
@@ -52,6 +53,7 @@ from ..progress import progress
 from ..provenance import data_record, provenance
 from ..report import format_table, plot_certified_accuracy, results_dict, write_json
 from ..runlock import RunFolderBusy, run_lock
+from ..trackers import open_trackers
 from .batches import BatchPlan, additional_data, step_generator
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .evaluate import certify_dataset
@@ -241,7 +243,8 @@ class Trainer:
             self._data = self._data_record()
             self._write_record("running")
             print(self._banner(), flush=True)
-        self.log = MetricsLog(self.run_dir, self.info.is_main, self.cfg.train.tensorboard, resume_step)
+        self.log = MetricsLog(self.run_dir, self.info.is_main, self.cfg.train.tensorboard, resume_step,
+                              open_trackers(self.cfg, self.run_dir) if self.info.is_main else ())
 
     def _dataset(self, split: str) -> BatchSource:
         """The ``split`` of the run's data (loaded once; ValueError if the data has none)."""
@@ -665,6 +668,7 @@ class Trainer:
                        "precision": "bf16" if self.bf16 else "fp32", "run_dir": str(self.run_dir),
                        "additional_data": additional_data(self.plan, cfg.data.generated)}
             prov = provenance(self.device, self._data, cfg, weights_sha256=tensors_sha256(weights), **times)
+            cert = None
             if split is None:
                 results = {**results, "certified": False, "provenance": prov}
                 failed += self._write("results.json", lambda p: write_json(results, p))
@@ -685,6 +689,10 @@ class Trainer:
             extra = {"not_written": unwritten} if unwritten else {}
             failed += self._write(RUN_RECORD, lambda p: self._write_record(
                 "incomplete" if unwritten else "finished", times, prov["weights_sha256"], p, **extra))
+            if not failed and not unsaved:       # the card reads the files just written
+                artefacts = write_run_artefacts(self.run_dir, cert)
+                self.log.artifacts(artefacts)
+                print(f"model card: {artefacts[-1]} ({artefacts[-2].name} beside it)")
             print(f"run folder: {self.run_dir}")
         self.log.close()
         barrier(self.info)

@@ -128,9 +128,10 @@ class LipNeXtBlock(nn.Module):
 def channel_mix(y: torch.Tensor, r: torch.Tensor, m: torch.Tensor,
                 fuse: bool | None = None) -> torch.Tensor:
     """Rows y R M^T, as y (R M^T) (``fuse``) or as (y R) M^T; ``fuse=None``: the cheaper
-    one for these rows (``ops.lipnext_block.fuses``: iff the N token rows exceed C)."""
+    one for these rows (``ops.lipnext_block.fuses``: iff the N token rows exceed C); under
+    ``torch.export`` always fused (no branch on the batch size; R M^T is a constant of the graph)."""
     if fuse is None:
-        fuse = fuses(y)
+        fuse = torch.compiler.is_exporting() or fuses(y)
     return y @ (r @ m.mT) if fuse else (y @ r) @ m.mT
 
 

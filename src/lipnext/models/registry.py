@@ -65,13 +65,39 @@ def build_from_config(arch: str, config: dict[str, Any]) -> CertifiableModel:
     return _ARCHS[arch](**config)
 
 
-def create_model(name: str, num_classes: int = 10, in_chans: int = 3, image_size: Any = 32,
-                 **overrides: Any) -> CertifiableModel:
-    """Build the named model for ``num_classes`` classes of (in_chans, H, W) images."""
+def create_model(name: str, num_classes: int | None = None, in_chans: int | None = None,
+                 image_size: Any = None, pretrained: str | None = None, **overrides: Any) -> CertifiableModel:
+    """Build the named model for ``num_classes`` classes (default 10) of (in_chans, H, W) images
+    (default 3, 32). With ``pretrained`` (a run folder, weights file, URL#sha256=HEX or
+    ``hf-hub:ORG/NAME[@REV]``, see ``lipnext.hub``): the saved model, in eval mode, which must be
+    this named configuration and agree with every option given."""
     arch, defaults, _ = model_entry(name)
-    kwargs = {**defaults, "num_classes": num_classes, "in_chans": in_chans,
-              "image_size": image_size, **overrides}
+    given = {k: v for k, v in (("num_classes", num_classes), ("in_chans", in_chans),
+                               ("image_size", image_size)) if v is not None}
+    if pretrained is not None:
+        return _pretrained(name, arch, {**defaults, **given, **overrides}, pretrained)
+    kwargs = {**defaults, "num_classes": 10, "in_chans": 3, "image_size": 32, **given, **overrides}
     try:
         return build_from_config(arch, kwargs)
     except TypeError as e:
         raise TypeError(f"bad option for model {name!r}: {e}") from None
+
+
+def _pretrained(name: str, arch: str, expected: dict[str, Any], location: str) -> CertifiableModel:
+    """The saved model at ``location``, checked to be ``name`` with the ``expected`` options."""
+    import dataclasses
+
+    from ..io import load_model
+
+    model = load_model(location)
+    if model.arch != arch:
+        raise ValueError(f"{location} holds a {model.arch!r} model, not {name!r} ({arch})")
+    try:
+        wanted = dataclasses.replace(model.cfg, **expected)
+    except TypeError as e:
+        raise TypeError(f"bad option for model {name!r}: {e}") from None
+    differ = [f"{f.name}={getattr(model.cfg, f.name)!r} (asked {getattr(wanted, f.name)!r})"
+              for f in dataclasses.fields(model.cfg) if getattr(model.cfg, f.name) != getattr(wanted, f.name)]
+    if differ:
+        raise ValueError(f"{location} is not {name} with these options: it has {', '.join(differ)}")
+    return model

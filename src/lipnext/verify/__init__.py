@@ -10,7 +10,9 @@
     torchattacks installed, APGD-CE/DLR and FAB) against every certified point inside its
     certified radius (0 counterexamples required), the empirical robust accuracy against
     the CRA at each eps, and the tightness (closest adversarial / certified radius);
-(d) ``precision_check``: the float64 twin and its rounding bound against the formula.
+(d) ``precision_check``: the float64 twin and its rounding bound against the formula;
+(e) ``autoattack_check`` (with ``autoattack=True``): the standard L2 AutoAttack at every eps,
+    whose robust accuracy must not fall below the CRA (``verify.autoattack``).
 
 Runs outside any autocast and with float32 as the default dtype (``standard_numerics``).
 
@@ -32,13 +34,15 @@ import torch
 from ..certify import UnsoundClaim, certify, standard_numerics
 from ..program import NotCertifiable
 from .attacks import Progress, attack_certified, ddn_attack, pgd_attack, tightness
+from .autoattack import autoattack_check
 from .library import apgd_attack, fab_attack, library_available
 from .lipschitz import empirical_lipschitz, head_check
 from .orthogonality import orthogonality_check
 from .precision import certify_float64, precision_check
 from .report import CheckResult, VerifyReport
 
-__all__ = ["Budget", "CheckResult", "VerifyReport", "apgd_attack", "attack_certified", "certify_float64",
+__all__ = ["Budget", "CheckResult", "VerifyReport", "apgd_attack", "attack_certified", "autoattack_check",
+           "certify_float64",
            "ddn_attack", "empirical_lipschitz", "fab_attack", "head_check", "library_available",
            "orthogonality_check", "pgd_attack", "precision_check", "tightness", "verify_model",
            "DEFAULT_EPS"]
@@ -72,8 +76,9 @@ def verify_model(model, x: torch.Tensor, y: torch.Tensor, eps: Sequence[float] =
                  rule: str = "pairwise", budget: Budget | None = None, box: bool = True,
                  radius_scale: float = 1.0, ortho_tol: float = 1e-4, lipschitz_rtol: float = 1e-3,
                  attacks: bool = True, seed: int = 0, batch_size: int = 256,
-                 progress: bool = False) -> VerifyReport:
-    """Run checks (a)-(d) on ``model`` with images x (N, C, H, W) in [0, 1] and labels y.
+                 progress: bool = False, autoattack: bool = False) -> VerifyReport:
+    """Run checks (a)-(d) on ``model`` with images x (N, C, H, W) in [0, 1] and labels y, and
+    (e) with ``autoattack`` (on the first ``budget.attack_points`` points, or all).
 
     ``progress``: a tqdm bar per check and attack phase, and each check's result printed
     as soon as it is known.
@@ -85,7 +90,7 @@ def verify_model(model, x: torch.Tensor, y: torch.Tensor, eps: Sequence[float] =
     start = time.monotonic()
     deadline = None if budget.seconds is None else start + budget.seconds
     names = ["certify", "orthogonality", "empirical_lipschitz", "head"] + (["attack"] if attacks else []) \
-        + ["precision"]
+        + ["precision"] + (["autoattack"] if autoattack else [])
     bar = None
 
     def timed(name, fn, *a, **k):
@@ -116,13 +121,16 @@ def verify_model(model, x: torch.Tensor, y: torch.Tensor, eps: Sequence[float] =
         checks.append(timed("head", head_check, model, x[:256], seed=seed))
         if cert is None:
             return VerifyReport(checks, _info(model, x, rule, None, eps, box, radius_scale, budget, times))
+        n = x.shape[0] if budget.attack_points is None else min(budget.attack_points, x.shape[0])
         if attacks:
-            n = x.shape[0] if budget.attack_points is None else min(budget.attack_points, x.shape[0])
             sub = cert.select(slice(n))
             checks.append(timed("attack", attack_certified, model, x[:n], y[:n], sub, eps, budget.pgd_steps,
                                 budget.pgd_restarts, budget.ddn_steps, budget.era_restarts, box, radius_scale,
                                 batch_size, seed, budget.library, Progress(progress, deadline)))
         checks.append(timed("precision", precision_check, model, x, y, eps, rule, batch_size))
+        if autoattack:
+            checks.append(timed("autoattack", autoattack_check, model, x[:n], y[:n], cert.select(slice(n)), eps,
+                                batch_size, seed, progress))
     if bar is not None:
         bar.close()
     return VerifyReport(checks, _info(model, x, rule, cert, eps, box, radius_scale, budget, times))
